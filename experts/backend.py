@@ -1,0 +1,29 @@
+"""The in-process expert backend: every expert of the model in the router's own process.
+
+The single-process reference that the distributed backends must reproduce.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from experts.weights import ExpertShard
+from mixtral.expert import group_by_expert, moe_combine
+
+
+class InProcessExperts:
+    """Runs each layer's experts locally on the rows routed to them."""
+
+    def __init__(self, shard: ExpertShard, num_experts: int) -> None:
+        self.num_experts = num_experts
+        self._layers: dict[int, dict] = {}
+        for layer, _ in shard.experts:
+            self._layers.setdefault(layer, shard.layer(layer))
+
+    def __call__(self, layer: int, hidden: Tensor, expert_ids: Tensor, weights: Tensor) -> Tensor:
+        """Weighted sum of each token's experts: hidden [T, D], expert_ids and weights [T, K] -> [T, D]."""
+        groups = group_by_expert(expert_ids, weights, self.num_experts)
+        return moe_combine(hidden, groups, self._layers[layer])
+
+    def close(self) -> None:
+        self._layers.clear()

@@ -1,0 +1,83 @@
+"""One Mixtral decoder layer: RMSNorm, attention, RMSNorm, the top-k gate and the experts.
+
+Shapes: T tokens, D hidden, H / Hkv heads, Dh head size, E experts, K experts per token.
+The experts are whatever the layer is given (`Experts`): local weights in the reference model,
+gRPC clients of remote hosts in the router. A dense Mistral layer routes every token to expert 0
+with weight 1, so the same seam serves both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mixtral.attention import AttentionMetadata, attend
+from mixtral.config import ModelConfig
+from mixtral.gate import route
+from mixtral.rope import apply_rope
+
+
+class Experts(Protocol):
+    """Computes sum_k weights[t, k] * expert_{ids[t, k]}(hidden[t]) for one layer: [T, D] -> [T, D]."""
+
+    def __call__(self, layer: int, hidden: Tensor, expert_ids: Tensor, weights: Tensor) -> Tensor: ...
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm computed in float32 and cast back before the scale, as the reference does."""
+    x32 = x.to(torch.float32)
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+@dataclass(frozen=True, slots=True)
+class LayerWeights:
+    """The router-side weights of one layer (everything but the experts)."""
+
+    input_norm: Tensor  # [D]
+    post_attention_norm: Tensor  # [D]
+    wqkv: Tensor  # [H*Dh + 2*Hkv*Dh, D]: q_proj, k_proj, v_proj stacked
+    wo: Tensor  # [D, H*Dh]
+    gate: Tensor | None  # [E, D]; None for a dense model
+
+
+class DecoderLayer:
+    """Pre-norm decoder layer with residual connections around attention and the MoE block."""
+
+    def __init__(self, config: ModelConfig, index: int, weights: LayerWeights, experts: Experts) -> None:
+        self.config = config
+        self.index = index
+        self.weights = weights
+        self.experts = experts
+
+    def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+                 meta: AttentionMetadata) -> Tensor:
+        """Hidden states [T, D] -> [T, D]; appends the tokens' keys and values to the caches."""
+        eps = self.config.rms_norm_eps
+        x = x + self._attention(rms_norm(x, self.weights.input_norm, eps), cos, sin, k_cache, v_cache, meta)
+        h = rms_norm(x, self.weights.post_attention_norm, eps)
+        expert_ids, gate_weights = self._gate(h)
+        return x + self.experts(self.index, h, expert_ids, gate_weights)
+
+    def _attention(self, h: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+                   meta: AttentionMetadata) -> Tensor:
+        cfg = self.config
+        q, k, v = F.linear(h, self.weights.wqkv).split((cfg.q_size, cfg.kv_size, cfg.kv_size), dim=-1)
+        tokens = h.shape[0]
+        q = apply_rope(q.reshape(tokens, cfg.num_attention_heads, cfg.head_size), cos, sin)  # [T, H, Dh]
+        k = apply_rope(k.reshape(tokens, cfg.num_key_value_heads, cfg.head_size), cos, sin)  # [T, Hkv, Dh]
+        v = v.reshape(tokens, cfg.num_key_value_heads, cfg.head_size)
+        return F.linear(attend(q, k, v, k_cache, v_cache, meta), self.weights.wo)
+
+    def _gate(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """Expert ids [T, K] and weights [T, K] (float32) of each token."""
+        if self.weights.gate is None:
+            tokens = h.shape[0]
+            return (torch.zeros(tokens, 1, dtype=torch.int64, device=h.device),
+                    torch.ones(tokens, 1, dtype=torch.float32, device=h.device))
+        weights, expert_ids = route(F.linear(h, self.weights.gate), self.config.num_experts_per_tok)
+        return expert_ids, weights

@@ -1,0 +1,79 @@
+"""SwiGLU experts and the grouped MoE combine shared by the reference model and the expert hosts.
+
+Shapes: T tokens, D hidden, F FFN width, E experts, K experts per token, R routed rows (T * K).
+Weights are in nn.Linear layout; w1 (gate) and w3 (up) are concatenated into one [2F, D] matrix so
+an expert runs two matmuls instead of three.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertWeights:
+    """One expert: w13 = cat(w1, w3) [2F, D], w2 [D, F]."""
+
+    w13: Tensor
+    w2: Tensor
+
+    @classmethod
+    def from_checkpoint(cls, w1: Tensor, w2: Tensor, w3: Tensor) -> ExpertWeights:
+        return cls(w13=torch.cat((w1, w3), dim=0).contiguous(), w2=w2.contiguous())
+
+    @property
+    def num_bytes(self) -> int:
+        return self.w13.numel() * self.w13.element_size() + self.w2.numel() * self.w2.element_size()
+
+
+def expert_ffn(x: Tensor, expert: ExpertWeights) -> Tensor:
+    """SwiGLU expert on a group of rows: [T, D] -> [T, D]."""
+    gate, up = F.linear(x, expert.w13).chunk(2, dim=-1)  # [T, F] each
+    return F.linear(F.silu(gate) * up, expert.w2)
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertGroups:
+    """Routed rows sorted by expert id; expert e owns the next counts[e] entries."""
+
+    token_rows: Tensor  # [R] int64, the token each routed row belongs to
+    weights: Tensor  # [R] float32, its routing weight
+    counts: list[int]  # [E] rows per expert
+
+
+def group_by_expert(expert_ids: Tensor, weights: Tensor, num_experts: int) -> ExpertGroups:
+    """Sort the (token, k) routing pairs by expert id.
+
+    Example: expert_ids [[2, 0], [0, 1]] (T=2, K=2), E=3 -> token_rows [0, 1, 1, 0], counts [2, 1, 1]:
+    expert 0 gets tokens 0 and 1, expert 1 token 1, expert 2 token 0.
+    """
+    flat_ids = expert_ids.reshape(-1)  # [R]
+    order = torch.argsort(flat_ids, stable=True)
+    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
+    top_k = expert_ids.shape[-1]
+    return ExpertGroups(token_rows=order // top_k, weights=weights.reshape(-1)[order], counts=counts)
+
+
+def moe_combine(hidden: Tensor, groups: ExpertGroups, experts: Mapping[int, ExpertWeights]) -> Tensor:
+    """Weighted sum of each token's experts: [T, D] -> [T, D].
+
+    Experts run in ascending id order, each on all its rows at once; contributions are weighted in
+    float32 and accumulated in the hidden dtype, the order Hugging Face's Mixtral uses, so bf16
+    results round identically. Every expert with rows must be in `experts`.
+    """
+    out = torch.zeros_like(hidden)
+    start = 0
+    for expert_id, count in enumerate(groups.counts):
+        if count == 0:
+            continue
+        rows = groups.token_rows[start:start + count]
+        y = expert_ffn(hidden.index_select(0, rows), experts[expert_id])  # [count, D]
+        weighted = y * groups.weights[start:start + count, None]
+        out.index_add_(0, rows, weighted.to(out.dtype))
+        start += count
+    return out

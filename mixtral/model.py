@@ -1,0 +1,78 @@
+"""The Mixtral/Mistral causal LM on a ragged batch: embeddings, decoder layers, final norm, LM head.
+
+Shapes: T tokens in the step, D hidden, V vocabulary, R rows whose logits are wanted.
+The model holds weights only: the KV cache arrives per call, the experts through `Experts`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mixtral.attention import AttentionMetadata
+from mixtral.block import DecoderLayer, Experts, LayerWeights, rms_norm
+from mixtral.checkpoint import EMBED, FINAL_NORM, LM_HEAD, Checkpoint, layer_tensor_names
+from mixtral.config import ModelConfig
+from mixtral.rope import rope_cos_sin, rope_inv_freq
+
+
+class Mixtral:
+    """Everything of the model except the experts' weights (those sit behind `experts`)."""
+
+    def __init__(self, config: ModelConfig, embed: Tensor, layers: Sequence[LayerWeights],
+                 final_norm: Tensor, lm_head: Tensor, experts: Experts) -> None:
+        self.config = config
+        self.embed = embed  # [V, D]
+        self.layers = [DecoderLayer(config, i, w, experts) for i, w in enumerate(layers)]
+        self.final_norm = final_norm  # [D]
+        self.lm_head = lm_head  # [V, D]; the embedding itself when tied
+        self.inv_freq = rope_inv_freq(config.head_size, config.rope_theta).to(embed.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    @classmethod
+    def load(cls, checkpoint: Checkpoint, dtype: torch.dtype, device: str | torch.device,
+             experts: Experts) -> Mixtral:
+        """Read the non-expert tensors of `checkpoint` (experts are loaded by their hosts)."""
+        config = checkpoint.config
+        names = [EMBED, FINAL_NORM] + ([] if config.tie_word_embeddings else [LM_HEAD])
+        per_layer = [layer_tensor_names(config, i) for i in range(config.num_hidden_layers)]
+        names += [name for layer in per_layer for name in layer.values()]
+        tensors = checkpoint.load(names, dtype, device)
+        layers = [_layer_weights(tensors, layer) for layer in per_layer]
+        lm_head = tensors[EMBED] if config.tie_word_embeddings else tensors[LM_HEAD]
+        return cls(config, tensors[EMBED], layers, tensors[FINAL_NORM], lm_head, experts)
+
+    def forward(self, token_ids: Tensor, meta: AttentionMetadata, kv: Sequence[tuple[Tensor, Tensor]],
+                logit_rows: Tensor) -> Tensor:
+        """Run one step: token ids [T] -> logits [R, V] (float32) of the rows `logit_rows` [R].
+
+        `kv[layer]` is that layer's (k_cache, v_cache), each [S, Hkv, C, Dh]; the step's keys and
+        values are stored into them.
+        """
+        x = F.embedding(token_ids, self.embed)  # [T, D]
+        cos, sin = rope_cos_sin(meta.positions, self.inv_freq, self.dtype)  # [T, Dh] each
+        for layer, (k_cache, v_cache) in zip(self.layers, kv, strict=True):
+            x = layer(x, cos, sin, k_cache, v_cache, meta)
+        x = rms_norm(x.index_select(0, logit_rows), self.final_norm, self.config.rms_norm_eps)  # [R, D]
+        return F.linear(x, self.lm_head).float()
+
+
+def _layer_weights(tensors: dict[str, Tensor], names: dict[str, str]) -> LayerWeights:
+    wqkv = torch.cat([tensors[names[key]] for key in ("wq", "wk", "wv")], dim=0)
+    return LayerWeights(
+        input_norm=tensors[names["input_norm"]],
+        post_attention_norm=tensors[names["post_attention_norm"]],
+        wqkv=wqkv.contiguous(),
+        wo=tensors[names["wo"]],
+        gate=tensors[names["gate"]] if "gate" in names else None,
+    )

@@ -1,0 +1,185 @@
+"""The gating service's engine: batches sequences into steps and runs the model with its KV cache.
+
+A step feeds every unfinished sequence its next tokens: one for a decoding sequence, a chunk of
+the prompt (within the step's token budget) for one still prefilling. Experts are reached only
+through the `ExpertBackend` given to the model, so the in-process and the distributed runs are
+this same code.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from mixtral.attention import build_metadata
+from mixtral.model import Mixtral
+from router.kv_cache import KVCache
+from router.sampler import SamplingParams, new_generator, sample
+
+log = logging.getLogger(__name__)
+
+
+class ExpertBackend(Protocol):
+    """Where a layer's experts run: sum_k weights[t, k] * expert_{ids[t, k]}(hidden[t])."""
+
+    def __call__(self, layer: int, hidden: Tensor, expert_ids: Tensor, weights: Tensor) -> Tensor: ...
+
+    def close(self) -> None: ...
+
+
+class RequestError(ValueError):
+    """A request the engine cannot run as given (empty prompt, unknown token id, too long)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Per-step limits."""
+
+    max_batch_tokens: int = 2048  # new tokens (prompt chunks + decodes) in one step
+
+    def __post_init__(self) -> None:
+        if self.max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens={self.max_batch_tokens} must be at least 1")
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """What one request produced."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # generated tokens only, a stop token included
+    logprobs: list[float]  # log-probability of each generated token under the model
+    finish_reason: str  # "stop" (EOS or a stop token) or "length"
+
+
+@dataclass(slots=True)
+class SequenceState:
+    """A running request: its tokens, how many of them the cache holds, and its sampling state."""
+
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    slot: int
+    generator: torch.Generator
+    stop_ids: frozenset[int]
+    tokens: list[int] = field(default_factory=list)  # prompt + generated
+    logprobs: list[float] = field(default_factory=list)
+    num_cached: int = 0
+    finish_reason: str | None = None
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.tokens) - len(self.prompt)
+
+    def completion(self) -> Completion:
+        assert self.finish_reason is not None
+        return Completion(self.request_id, self.prompt, self.tokens[len(self.prompt):], self.logprobs,
+                          self.finish_reason)
+
+
+@dataclass(frozen=True, slots=True)
+class StepPlan:
+    """The sequences of one step and how many new tokens each feeds."""
+
+    sequences: list[SequenceState]
+    num_new: list[int]
+
+
+class Engine:
+    """Runs admitted sequences to completion, a step at a time."""
+
+    def __init__(self, model: Mixtral, cache: KVCache, cfg: EngineConfig | None = None) -> None:
+        self.model = model
+        self.cache = cache
+        self.cfg = cfg or EngineConfig()
+        self.running: list[SequenceState] = []
+
+    def add(self, request_id: str, prompt: Sequence[int], params: SamplingParams) -> SequenceState:
+        """Admit a request into a free cache slot (CacheFullError when none is free)."""
+        prompt = list(prompt)
+        self._check(prompt, params)
+        config = self.model.config
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(config.eos_token_ids))
+        seq = SequenceState(request_id, prompt, params, self.cache.allocate(), new_generator(params.seed),
+                            frozenset(stop_ids), tokens=list(prompt))
+        self.running.append(seq)
+        return seq
+
+    def _check(self, prompt: list[int], params: SamplingParams) -> None:
+        vocab = self.model.config.vocab_size
+        if not prompt:
+            raise RequestError("the prompt is empty: give at least one token")
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        total = len(prompt) + params.max_new_tokens
+        if self.model.config.sliding_window is None and total > self.cache.max_seq_len:
+            raise RequestError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) "
+                               f"= {total} exceeds the maximum sequence length {self.cache.max_seq_len}")
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]
+                 ) -> list[Completion]:
+        """Run a batch of prompts together to completion; results in the order of `prompts`."""
+        seqs = [self.add(str(i), p, sp) for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
+        while self.running:
+            self.step()
+        return [s.completion() for s in seqs]
+
+    def step(self) -> list[SequenceState]:
+        """Run one forward pass over the running sequences; returns those that finished in it."""
+        plan = self._plan()
+        sampling = [s for s, n in zip(plan.sequences, plan.num_new, strict=True)
+                    if s.num_cached + n == len(s.tokens)]
+        logits = self._forward(plan, sampling)
+        for seq, n in zip(plan.sequences, plan.num_new, strict=True):
+            seq.num_cached += n
+        token_ids, logprobs = sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
+        for seq, token, logprob in zip(sampling, token_ids, logprobs, strict=True):
+            self._append(seq, token, logprob)
+        finished = [s for s in self.running if s.finish_reason is not None]
+        for seq in finished:
+            self.running.remove(seq)
+            self.cache.free(seq.slot)
+        return finished
+
+    def _plan(self) -> StepPlan:
+        """Decoding sequences first (one token each), then prompt chunks while the budget lasts."""
+        budget = self.cfg.max_batch_tokens
+        ordered = sorted(self.running, key=lambda s: len(s.tokens) - s.num_cached > 1)
+        plan = StepPlan([], [])
+        for seq in ordered:
+            n = min(len(seq.tokens) - seq.num_cached, budget)
+            if n == 0:
+                break
+            plan.sequences.append(seq)
+            plan.num_new.append(n)
+            budget -= n
+        plan_order = sorted(range(len(plan.sequences)), key=lambda i: plan.sequences[i].slot)
+        return StepPlan([plan.sequences[i] for i in plan_order], [plan.num_new[i] for i in plan_order])
+
+    def _forward(self, plan: StepPlan, sampling: list[SequenceState]) -> Tensor:
+        device = self.model.device
+        meta = build_metadata([s.slot for s in plan.sequences], [s.num_cached for s in plan.sequences],
+                              plan.num_new, self.cache.capacity, self.model.config.sliding_window, device)
+        token_ids = [t for s, n in zip(plan.sequences, plan.num_new, strict=True)
+                     for t in s.tokens[s.num_cached:s.num_cached + n]]
+        ends = torch.cumsum(torch.tensor(plan.num_new), 0) - 1
+        wanted = {id(s) for s in sampling}
+        rows = [int(ends[i]) for i, s in enumerate(plan.sequences) if id(s) in wanted]
+        with torch.inference_mode():
+            return self.model.forward(torch.tensor(token_ids, device=device), meta, self.cache.layers,
+                                      torch.tensor(rows, dtype=torch.int64, device=device)).cpu()
+
+    def _append(self, seq: SequenceState, token: int, logprob: float) -> None:
+        seq.tokens.append(token)
+        seq.logprobs.append(logprob)
+        if token in seq.stop_ids:
+            seq.finish_reason = "stop"
+        elif seq.num_generated >= seq.params.max_new_tokens:
+            seq.finish_reason = "length"
