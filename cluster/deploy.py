@@ -46,12 +46,21 @@ class LocalConfig:
         return torch.bfloat16 if self.resolved_device.startswith("cuda") else torch.float32
 
 
-def build_local_engine(cfg: LocalConfig) -> Engine:
-    """Load config, router weights and every expert from `cfg.model_dir` into one engine."""
+def load_local_model(cfg: LocalConfig) -> Mixtral:
+    """Load config, router weights and every expert of `cfg.model_dir` into this process."""
     model_config = ModelConfig.from_json(cfg.model_dir / "config.json")
     checkpoint = Checkpoint(cfg.model_dir, model_config)
     dtype, device = cfg.resolved_dtype, cfg.resolved_device
     shard = load_shard(checkpoint, all_experts(checkpoint), dtype, device)
     experts = InProcessExperts(shard, model_config.num_local_experts)
-    model = Mixtral.load(checkpoint, dtype, device, experts)
-    return Engine(model, KVCache(model_config, cfg.cache, dtype, device), cfg.engine)
+    return Mixtral.load(checkpoint, dtype, device, experts)
+
+
+def build_engine(model: Mixtral, cache: CacheConfig, engine: EngineConfig) -> Engine:
+    """An engine over `model` with a fresh KV cache in the model's dtype and device."""
+    return Engine(model, KVCache(model.config, cache, model.dtype, model.device), engine)
+
+
+def build_local_engine(cfg: LocalConfig) -> Engine:
+    """The whole model in this process, with the cache and step limits of `cfg`."""
+    return build_engine(load_local_model(cfg), cfg.cache, cfg.engine)

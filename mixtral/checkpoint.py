@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from mixtral.config import ModelConfig
 
@@ -164,3 +165,36 @@ def _group_by_file(names: list[str], file_of: dict[str, str]) -> list[tuple[str,
     for name in names:
         groups.setdefault(file_of[name], []).append(name)
     return sorted(groups.items())
+
+
+def write_checkpoint(model_dir: Path, tensors: dict[str, torch.Tensor],
+                     shard_bytes: int | None = None) -> None:
+    """Write tensors in the Hugging Face layout: one model.safetensors, or shards of at most
+    `shard_bytes` each (a tensor larger than that gets a shard of its own) plus the index."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    shards = _split_into_shards(tensors, shard_bytes)
+    if len(shards) == 1:
+        save_file(shards[0], str(model_dir / SINGLE_FILE), metadata={"format": "pt"})
+        return
+    weight_map: dict[str, str] = {}
+    for i, shard in enumerate(shards, start=1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(model_dir / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (model_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _split_into_shards(tensors: dict[str, torch.Tensor], shard_bytes: int | None
+                       ) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard_bytes is not None and shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor.contiguous()
+        size += nbytes
+    return shards

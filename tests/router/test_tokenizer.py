@@ -120,12 +120,12 @@ def test_tokenizer_json_larger_than_model_vocab_is_refused(tokenizer_json: Path)
 
 def test_unreadable_tokenizer_json_raises_tokenizer_error(tmp_path: Path) -> None:
     (tmp_path / "tokenizer.json").write_text("{ not json")
-    with pytest.raises(TokenizerError, match="tokenizer.json"):
+    with pytest.raises(TokenizerError, match=r"tokenizer\.json"):
         load_tokenizer(tmp_path, 32000)
 
 
 def test_hf_name_without_tokenizer_json_raises(tmp_path: Path) -> None:
-    with pytest.raises(TokenizerError, match="tokenizer.json"):
+    with pytest.raises(TokenizerError, match=r"tokenizer\.json"):
         load_tokenizer(tmp_path, 32000, name="hf")
 
 
@@ -134,7 +134,6 @@ def test_hf_name_without_tokenizer_json_raises(tmp_path: Path) -> None:
     [
         [],
         [ChatMessage("user", "hi"), ChatMessage("assistant", "hello")],
-        [ChatMessage("assistant", "hello"), ChatMessage("user", "hi")],
         [
             ChatMessage("user", "a"),
             ChatMessage("assistant", "b"),
@@ -143,7 +142,7 @@ def test_hf_name_without_tokenizer_json_raises(tmp_path: Path) -> None:
         ],
         [ChatMessage("tool", "42")],
     ],
-    ids=["empty", "ends-with-assistant", "starts-with-assistant", "system-after-assistant", "unknown-role"],
+    ids=["empty", "ends-with-assistant", "system-after-assistant", "unknown-role"],
 )
 def test_bad_chat_raises_tokenizer_error(mistral: Tokenizer, messages: list[ChatMessage]) -> None:
     with pytest.raises(TokenizerError):

@@ -1,0 +1,194 @@
+"""The `moe-cluster` command line. The only place that reads the environment or prints.
+
+User errors (bad flags, a broken checkpoint, an unsupported config, a bad request) end with one
+line on stderr and exit code 2; prompts and completions are never logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+import torch
+
+from cluster.demo import SIZES, write_demo_model
+from cluster.deploy import DTYPES, LocalConfig, build_engine, load_local_model
+from mixtral.checkpoint import CheckpointError
+from mixtral.config import ConfigError
+from router.engine import Completion, RequestError
+from router.kv_cache import CacheConfig
+from router.sampler import SamplingParams
+from router.tokenizer import ChatMessage, Tokenizer, TokenizerError, load_tokenizer
+
+log = logging.getLogger("moe-cluster")
+
+EXIT_USAGE = 2
+USER_ERRORS = (ConfigError, CheckpointError, TokenizerError, RequestError, ValueError, OSError)
+
+
+class UsageError(Exception):
+    """A command-line mistake: printed as one line, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="moe-cluster", description="Serve Mixtral-family MoE models on your own hardware.")
+    parser.add_argument("--log-level", default=os.environ.get("MOE_LOG_LEVEL", "WARNING"),
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="stderr log level")
+    parser.add_argument("--threads", type=_positive_int, default=None,
+                        help="torch CPU threads for this process (default: every core)")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    _add_demo_model(commands)
+    _add_generate(commands)
+    return parser
+
+
+def _add_demo_model(commands: argparse._SubParsersAction[Parser]) -> None:
+    p = commands.add_parser("demo-model", help="write a random-weight Mixtral checkpoint (HF layout)")
+    p.add_argument("--out", type=Path, required=True, help="directory to write")
+    p.add_argument("--size", choices=sorted(SIZES), default="tiny",
+                   help="tiny: loads in a second; mini: the benchmark model (791M parameters)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--shard-size", type=_positive_int, default=None, metavar="BYTES",
+                   help="split into safetensors shards of at most BYTES, with an index")
+    p.set_defaults(run=run_demo_model)
+
+
+def _add_generate(commands: argparse._SubParsersAction[Parser]) -> None:
+    p = commands.add_parser("generate", help="generate from a prompt in this process")
+    p.add_argument("--model", type=Path, required=True, help="model directory (config.json + safetensors)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="prompt text")
+    source.add_argument("--token-ids", type=_token_ids, help="prompt token ids, comma-separated")
+    source.add_argument("--chat", type=Path, metavar="FILE.json",
+                        help='chat messages: [{"role": "user", "content": "..."}, ...]')
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=_positive_int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    p.add_argument("--stop-token-ids", type=_token_ids, default=(), help="comma-separated")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="default: bfloat16 on a GPU, float32 on the CPU")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
+    p.add_argument("--tokenizer", default=None,
+                   help="hf, mistral-v1, mistral-v3, ... (default: tokenizer.json, else by vocabulary)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=run_generate)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _token_ids(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def run_demo_model(args: argparse.Namespace) -> int:
+    def progress(done: int, total: int) -> None:
+        if done == total or done % max(1, total // 20) == 0:
+            print(f"\rbuilding {args.size} demo model: {100 * done // total:3d}%", end="", file=sys.stderr)
+
+    start = time.perf_counter()
+    config = write_demo_model(args.out, args.size, args.seed, args.shard_size, progress)
+    print(f"\nwrote {args.out} ({config.num_hidden_layers} layers, {config.num_local_experts} experts, "
+          f"hidden {config.hidden_size}) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    local = LocalConfig(args.model, dtype=args.dtype, device=args.device)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                            stop_token_ids=tuple(args.stop_token_ids), ignore_eos=args.ignore_eos)
+    start = time.perf_counter()
+    model = load_local_model(local)
+    tokenizer = load_tokenizer(args.model, model.config.vocab_size, args.tokenizer)
+    prompt = _prompt_ids(args, tokenizer)
+    cache = CacheConfig(num_slots=1, max_seq_len=max(2, len(prompt) + args.max_new_tokens))
+    engine = build_engine(model, cache, local.engine)
+    loaded = time.perf_counter()
+    completion = engine.generate([prompt], [params])[0]
+    _report(args, completion, tokenizer, loaded - start, time.perf_counter() - loaded)
+    return 0
+
+
+def _prompt_ids(args: argparse.Namespace, tokenizer: Tokenizer) -> list[int]:
+    if args.token_ids is not None:
+        return list(args.token_ids)
+    if args.prompt is not None:
+        return tokenizer.encode(args.prompt)
+    return tokenizer.encode_chat(_read_chat(args.chat))
+
+
+def _read_chat(path: Path) -> list[ChatMessage]:
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UsageError(f"--chat {path}: cannot read JSON ({err})") from None
+    if isinstance(raw, dict):
+        raw = raw.get("messages")
+    if not isinstance(raw, list) or not all(isinstance(m, dict) for m in raw):
+        raise UsageError(f"--chat {path}: expected a list of {{\"role\": ..., \"content\": ...}} objects")
+    try:
+        return [ChatMessage(role=str(m["role"]), content=str(m["content"])) for m in raw]
+    except KeyError as err:
+        raise UsageError(f"--chat {path}: a message lacks the field {err}") from None
+
+
+def _report(args: argparse.Namespace, completion: Completion, tokenizer: Tokenizer,
+            load_s: float, generate_s: float) -> None:
+    text = tokenizer.decode(completion.token_ids)
+    if args.json:
+        print(json.dumps({
+            "token_ids": completion.token_ids, "text": text, "logprobs": completion.logprobs,
+            "finish_reason": completion.finish_reason,
+            "usage": {"prompt_tokens": len(completion.prompt_token_ids),
+                      "completion_tokens": len(completion.token_ids)},
+            "timings": {"load_s": round(load_s, 4), "generate_s": round(generate_s, 4)},
+        }))
+    else:
+        print(text)
+    rate = len(completion.token_ids) / generate_s if generate_s > 0 else 0.0
+    print(f"{len(completion.token_ids)} tokens in {generate_s:.2f} s ({rate:.1f} tok/s, "
+          f"finish_reason={completion.finish_reason}); load {load_s:.2f} s", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        return int(args.run(args))
+    except UsageError as err:
+        print(err, file=sys.stderr)
+    except USER_ERRORS as err:
+        print(f"moe-cluster: error: {err}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
