@@ -8,7 +8,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from experts.weights import ExpertShard
-from mixtral.expert import group_by_expert, moe_combine
+from mixtral.expert import ExpertWeights, group_by_expert, moe_combine
 
 
 class InProcessExperts:
@@ -16,7 +16,7 @@ class InProcessExperts:
 
     def __init__(self, shard: ExpertShard, num_experts: int) -> None:
         self.num_experts = num_experts
-        self._layers: dict[int, dict] = {}
+        self._layers: dict[int, dict[int, ExpertWeights]] = {}
         for layer, _ in shard.experts:
             self._layers.setdefault(layer, shard.layer(layer))
 

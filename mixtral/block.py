@@ -66,7 +66,8 @@ class DecoderLayer:
     def _attention(self, h: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
                    meta: AttentionMetadata) -> Tensor:
         cfg = self.config
-        q, k, v = F.linear(h, self.weights.wqkv).split((cfg.q_size, cfg.kv_size, cfg.kv_size), dim=-1)
+        qkv = F.linear(h, self.weights.wqkv)  # [T, H*Dh + 2*Hkv*Dh]
+        q, k, v = torch.split(qkv, [cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         tokens = h.shape[0]
         q = apply_rope(q.reshape(tokens, cfg.num_attention_heads, cfg.head_size), cos, sin)  # [T, H, Dh]
         k = apply_rope(k.reshape(tokens, cfg.num_key_value_heads, cfg.head_size), cos, sin)  # [T, Hkv, Dh]

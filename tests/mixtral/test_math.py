@@ -1,0 +1,68 @@
+"""The pure math: the gate, grouped expert compute, attention metadata."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mixtral.attention import build_metadata
+from mixtral.expert import ExpertWeights, expert_ffn, group_by_expert, moe_combine
+from mixtral.gate import route
+
+
+@settings(max_examples=60, deadline=None)
+@given(tokens=st.integers(1, 16), experts=st.integers(2, 8), data=st.data())
+def test_gate_gives_k_distinct_experts_whose_weights_sum_to_one(tokens: int, experts: int,
+                                                               data: st.DataObject) -> None:
+    top_k = data.draw(st.integers(1, experts))
+    seed = data.draw(st.integers(0, 2**16))
+    logits = torch.randn(tokens, experts, generator=torch.Generator().manual_seed(seed)) * 3
+    weights, ids = route(logits, top_k)
+    assert weights.dtype == torch.float32 and ids.shape == (tokens, top_k)
+    assert all(len(set(row)) == top_k for row in ids.tolist())
+    torch.testing.assert_close(weights.sum(-1), torch.ones(tokens))
+    # softmax over all, top-k, renormalise == softmax over the top-k logits alone
+    top_logits = logits.gather(1, ids)
+    torch.testing.assert_close(weights, torch.softmax(top_logits, dim=-1))
+    # the chosen experts are the k largest logits
+    assert (top_logits.min(-1).values >= logits.topk(top_k, -1).values[:, -1] - 1e-6).all()
+
+
+def test_group_by_expert_worked_example() -> None:
+    groups = group_by_expert(torch.tensor([[2, 0], [0, 1]]), torch.tensor([[0.6, 0.4], [0.7, 0.3]]), 3)
+    assert groups.token_rows.tolist() == [0, 1, 1, 0]
+    assert groups.counts == [2, 1, 1]
+    torch.testing.assert_close(groups.weights, torch.tensor([0.4, 0.7, 0.3, 0.6]))
+
+
+def test_moe_combine_equals_the_per_token_sum_of_its_experts() -> None:
+    g = torch.Generator().manual_seed(0)
+    d, f, e, t = 16, 24, 4, 9
+    experts = {i: ExpertWeights.from_checkpoint(torch.randn(f, d, generator=g), torch.randn(d, f, generator=g),
+                                                torch.randn(f, d, generator=g)) for i in range(e)}
+    hidden = torch.randn(t, d, generator=g)
+    weights, ids = route(torch.randn(t, e, generator=g), 2)
+    got = moe_combine(hidden, group_by_expert(ids, weights, e), experts)
+    want = torch.stack([sum(weights[i, k] * expert_ffn(hidden[i:i + 1], experts[int(ids[i, k])])[0]
+                            for k in range(2)) for i in range(t)])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+def test_metadata_worked_example_prompt_beside_decode() -> None:
+    meta = build_metadata([0, 1], [0, 5], [3, 1], capacity=16, window=None)
+    assert meta.positions.tolist() == [0, 1, 2, 5]
+    assert meta.padded_index is not None and meta.padded_index.tolist() == [0, 1, 2, 3]
+    assert meta.slot_range == (0, 2)
+    mask = meta.mask[:, 0]
+    assert mask[0, :, :3].tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+    assert mask[1, 0, :6].tolist() == [True] * 6  # the decoding token sees its 5 cached + itself
+
+
+def test_metadata_of_a_chunk_longer_than_the_window_writes_only_its_last_window() -> None:
+    meta = build_metadata([3], [0], [12], capacity=8, window=8)
+    assert meta.attend_before_write and meta.slot_range == (3, 4)
+    assert meta.write_rows.tolist() == list(range(4, 12))
+    assert sorted(meta.write_ring.tolist()) == list(range(8))
+    # query 11 sees positions 4..11 only
+    assert meta.mask[0, 0, 11].nonzero().flatten().tolist() == list(range(4, 12))
