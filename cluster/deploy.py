@@ -34,6 +34,8 @@ class LocalConfig:
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not supported: choose one of {sorted(DTYPES)}")
+        if self.device is not None:
+            check_device(self.device)
 
     @property
     def resolved_device(self) -> str:
@@ -44,6 +46,20 @@ class LocalConfig:
         if self.dtype is not None:
             return DTYPES[self.dtype]
         return torch.bfloat16 if self.resolved_device.startswith("cuda") else torch.float32
+
+
+def check_device(device: str) -> None:
+    """Raise ValueError naming `device` unless torch can place tensors there."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device={device!r} is not a torch device: use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (parsed.index or 0) >= count:
+            raise ValueError(f"device={device!r} is not available: torch sees {count} CUDA device(s)")
+    elif parsed.type != "cpu":
+        raise ValueError(f"device={device!r} is not supported: use cpu, cuda or cuda:N")
 
 
 def load_local_model(cfg: LocalConfig) -> Mixtral:

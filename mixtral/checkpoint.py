@@ -117,25 +117,31 @@ class Checkpoint:
     def _read(self, file: str, names: list[str], dtype: torch.dtype, device: str | torch.device
               ) -> Iterator[tuple[str, torch.Tensor]]:
         path = self.model_dir / file
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                present = set(handle.keys())
-                for name in names:
-                    if name not in present:
-                        raise CheckpointError(f"{path}: tensor {name} is listed in the index but "
-                                              "absent from the file")
-                    tensor = handle.get_tensor(name)
-                    self._check_shape(path, name, tensor)
-                    yield name, tensor.to(device=device, dtype=dtype)
-        except (SafetensorError, OSError, RuntimeError) as err:
-            raise CheckpointError(f"{path}: cannot read tensors ({err}); the file is truncated or "
-                                  "corrupt: copy it again") from None
+        for name, tensor in _read_file(path, names):
+            self._check_shape(path, name, tensor)
+            yield name, tensor.to(device=device, dtype=dtype)
 
     def _check_shape(self, path: Path, name: str, tensor: torch.Tensor) -> None:
         want = self._shapes.get(name)
         if want is not None and tuple(tensor.shape) != want:
             raise CheckpointError(f"{path}: tensor {name} has shape {list(tensor.shape)}, "
                                   f"config.json implies {list(want)}")
+
+
+def _read_file(path: Path, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Memory-mapped reads of `names` from one safetensors file; read failures name the file."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            present = set(handle.keys())
+            for name in names:
+                if name not in present:
+                    raise CheckpointError(f"{path}: tensor {name} is listed in the index but "
+                                          "absent from the file")
+                tensor = handle.get_tensor(name)
+                yield name, tensor
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: cannot read tensors ({err}); the file is truncated or "
+                              "corrupt: copy it again") from None
 
 
 def _locate_tensors(model_dir: Path) -> dict[str, str]:
@@ -172,6 +178,8 @@ def write_checkpoint(model_dir: Path, tensors: dict[str, torch.Tensor],
     """Write tensors in the Hugging Face layout: one model.safetensors, or shards of at most
     `shard_bytes` each (a tensor larger than that gets a shard of its own) plus the index."""
     model_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [model_dir / SINGLE_FILE, model_dir / INDEX_FILE, *model_dir.glob("model-*-of-*.safetensors")]:
+        stale.unlink(missing_ok=True)  # an old index would otherwise win over the new weights
     shards = _split_into_shards(tensors, shard_bytes)
     if len(shards) == 1:
         save_file(shards[0], str(model_dir / SINGLE_FILE), metadata={"format": "pt"})

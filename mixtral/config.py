@@ -86,7 +86,7 @@ class ModelConfig:
             raw = json.loads(Path(path).read_text())
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such file (a model directory needs config.json)") from None
-        except (OSError, json.JSONDecodeError) as err:
+        except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
             raise ConfigError(f"{path}: cannot read config: {err}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a JSON object")
@@ -100,10 +100,10 @@ class ModelConfig:
         """Hugging Face config dict -> ModelConfig; unsupported math raises ConfigError."""
         _reject_unsupported(raw)
         model_type = raw.get("model_type", "mixtral")
-        values = {f.name: raw[f.name] for f in fields(cls) if f.name in raw and raw[f.name] is not None}
+        nullable = {"head_dim", "sliding_window", "bos_token_id"}
+        values = {f.name: raw[f.name] for f in fields(cls)
+                  if f.name in raw and (raw[f.name] is not None or f.name in nullable)}
         values["model_type"] = model_type
-        if "sliding_window" in raw:
-            values["sliding_window"] = raw["sliding_window"]
         theta = _rope_theta(raw)
         if theta is not None:
             values["rope_theta"] = float(theta)
@@ -125,10 +125,12 @@ def _require(ok: bool, name: str, value: object, allowed: str) -> None:
 
 def _rope_theta(raw: dict[str, Any]) -> float | None:
     params = raw.get("rope_parameters")
-    if isinstance(params, dict) and params.get("rope_theta") is not None:
-        return float(params["rope_theta"])
-    theta = raw.get("rope_theta")
-    return None if theta is None else float(theta)
+    theta = params.get("rope_theta") if isinstance(params, dict) else None
+    theta = raw.get("rope_theta") if theta is None else theta
+    if theta is None:
+        return None
+    _require(isinstance(theta, (int, float)) and not isinstance(theta, bool), "rope_theta", theta, "a number")
+    return float(theta)
 
 
 def _reject_unsupported(raw: dict[str, Any]) -> None:
