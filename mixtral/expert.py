@@ -47,16 +47,21 @@ class ExpertGroups:
 
 
 def group_by_expert(expert_ids: Tensor, weights: Tensor, num_experts: int) -> ExpertGroups:
-    """Sort the (token, k) routing pairs by expert id.
+    """Sort the (token, k) routing pairs by expert id; pairs whose id is -1 (served elsewhere) are dropped.
 
     Example: expert_ids [[2, 0], [0, 1]] (T=2, K=2), E=3 -> token_rows [0, 1, 1, 0], counts [2, 1, 1]:
     expert 0 gets tokens 0 and 1, expert 1 token 1, expert 2 token 0.
     """
-    flat_ids = expert_ids.reshape(-1)  # [R]
+    top_k = expert_ids.shape[-1]
+    flat_ids = expert_ids.reshape(-1).long()  # [R]
+    pairs = torch.arange(flat_ids.shape[0], device=flat_ids.device)  # [R] index of each (token, k) pair
+    if bool((flat_ids < 0).any()):
+        pairs = torch.nonzero(flat_ids >= 0).flatten()
+        flat_ids = flat_ids[pairs]
     order = torch.argsort(flat_ids, stable=True)
     counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
-    top_k = expert_ids.shape[-1]
-    return ExpertGroups(token_rows=order // top_k, weights=weights.reshape(-1)[order], counts=counts)
+    chosen = pairs[order]
+    return ExpertGroups(token_rows=chosen // top_k, weights=weights.reshape(-1)[chosen], counts=counts)
 
 
 def moe_combine(hidden: Tensor, groups: ExpertGroups, experts: Mapping[int, ExpertWeights]) -> Tensor:

@@ -66,3 +66,10 @@ def test_metadata_of_a_chunk_longer_than_the_window_writes_only_its_last_window(
     assert sorted(meta.write_ring.tolist()) == list(range(8))
     # query 11 sees positions 4..11 only
     assert meta.mask[0, 0, 11].nonzero().flatten().tolist() == list(range(4, 12))
+
+
+def test_group_by_expert_drops_slots_served_elsewhere() -> None:
+    groups = group_by_expert(torch.tensor([[2, -1], [-1, 1], [0, 2]]), torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.5, 0.5]]), 3)
+    assert groups.token_rows.tolist() == [2, 1, 0, 2]
+    assert groups.counts == [1, 1, 2]
+    torch.testing.assert_close(groups.weights, torch.tensor([0.5, 0.3, 0.6, 0.5]))
