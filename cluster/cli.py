@@ -18,11 +18,24 @@ from typing import NoReturn
 
 import torch
 
+from cluster.controller import HostResources
 from cluster.demo import SIZES, write_demo_model
-from cluster.deploy import DTYPES, LocalConfig, build_engine, load_local_model
+from cluster.deploy import (
+    DTYPES,
+    ClusterConfig,
+    ClusterStartError,
+    ExpertCluster,
+    LocalConfig,
+    build_engine,
+    load_cluster_model,
+    load_local_model,
+)
+from cluster.placement import PlacementError
 from mixtral.checkpoint import CheckpointError
 from mixtral.config import ConfigError
-from router.engine import Completion, RequestError
+from mixtral.model import Mixtral
+from router.dispatch import DispatchConfig, ExpertUnavailableError
+from router.engine import Completion, EngineConfig, RequestError
 from router.kv_cache import CacheConfig
 from router.sampler import SamplingParams
 from router.tokenizer import ChatMessage, Tokenizer, TokenizerError, load_tokenizer
@@ -30,7 +43,9 @@ from router.tokenizer import ChatMessage, Tokenizer, TokenizerError, load_tokeni
 log = logging.getLogger("moe-cluster")
 
 EXIT_USAGE = 2
-USER_ERRORS = (ConfigError, CheckpointError, TokenizerError, RequestError, ValueError, OSError)
+EXIT_FAILURE = 1
+USER_ERRORS = (ConfigError, CheckpointError, TokenizerError, RequestError, PlacementError, ValueError, OSError)
+RUNTIME_ERRORS = (ClusterStartError, ExpertUnavailableError)
 
 
 class UsageError(Exception):
@@ -86,7 +101,26 @@ def _add_generate(commands: argparse._SubParsersAction[Parser]) -> None:
     p.add_argument("--tokenizer", default=None,
                    help="hf, mistral-v1, mistral-v3, ... (default: tokenizer.json, else by vocabulary)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_cluster_flags(p)
     p.set_defaults(run=run_generate)
+
+
+def _add_cluster_flags(p: Parser) -> None:
+    group = p.add_argument_group("experts on a Ray cluster (--backend cluster)")
+    group.add_argument("--backend", choices=["local", "cluster"], default="local",
+                       help="local: every expert in this process; cluster: expert hosts as Ray actors over gRPC")
+    group.add_argument("--hosts", type=_positive_int, default=2, help="expert hosts (round-robin plan)")
+    group.add_argument("--replicas", type=_positive_int, default=1, help="hosts serving each expert")
+    group.add_argument("--plan", type=Path, default=None, help="a placement plan JSON instead of round-robin")
+    group.add_argument("--ray-address", default=None,
+                       help="join this Ray cluster (default: start a local instance and stop it afterwards)")
+    group.add_argument("--cpus-per-host", type=float, default=1.0, help="Ray CPUs (and torch threads) per host")
+    group.add_argument("--gpus-per-host", type=float, default=0.0, help="Ray GPUs per host (fractions allowed)")
+    group.add_argument("--placement-strategy", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
+                       default="PACK", help="how the hosts' placement group spreads over nodes")
+    group.add_argument("--max-restarts", type=int, default=3, help="Ray restarts of a failed host (-1: forever)")
+    group.add_argument("--restart-wait", type=float, default=30.0, metavar="SECONDS",
+                       help="how long a layer waits for a restarted host when no replica of an expert answers")
 
 
 def _positive_int(text: str) -> int:
@@ -119,20 +153,34 @@ def run_demo_model(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    local = LocalConfig(args.model, dtype=args.dtype, device=args.device)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                             stop_token_ids=tuple(args.stop_token_ids), ignore_eos=args.ignore_eos)
     start = time.perf_counter()
-    model = load_local_model(local)
-    tokenizer = load_tokenizer(args.model, model.config.vocab_size, args.tokenizer)
-    prompt = _prompt_ids(args, tokenizer)
-    cache = CacheConfig(num_slots=1, max_seq_len=max(2, len(prompt) + args.max_new_tokens))
-    engine = build_engine(model, cache, local.engine)
-    loaded = time.perf_counter()
-    completion = engine.generate([prompt], [params])[0]
+    model, cluster = _load_model(args)
+    try:
+        tokenizer = load_tokenizer(args.model, model.config.vocab_size, args.tokenizer)
+        prompt = _prompt_ids(args, tokenizer)
+        cache = CacheConfig(num_slots=1, max_seq_len=max(2, len(prompt) + args.max_new_tokens))
+        engine = build_engine(model, cache, EngineConfig())
+        loaded = time.perf_counter()
+        completion = engine.generate([prompt], [params])[0]
+    finally:
+        if cluster is not None:
+            cluster.close()
     _report(args, completion, tokenizer, loaded - start, time.perf_counter() - loaded)
     return 0
+
+
+def _load_model(args: argparse.Namespace) -> tuple[Mixtral, ExpertCluster | None]:
+    if args.backend == "local":
+        return load_local_model(LocalConfig(args.model, dtype=args.dtype, device=args.device)), None
+    hosts = HostResources(num_cpus=args.cpus_per_host, num_gpus=args.gpus_per_host,
+                          strategy=args.placement_strategy, max_restarts=args.max_restarts)
+    cfg = ClusterConfig(args.model, num_hosts=args.hosts, replicas=args.replicas, plan_path=args.plan,
+                        ray_address=args.ray_address, dtype=args.dtype, device=args.device, hosts=hosts,
+                        dispatch=DispatchConfig(restart_wait_s=args.restart_wait))
+    return load_cluster_model(cfg)
 
 
 def _prompt_ids(args: argparse.Namespace, tokenizer: Tokenizer) -> list[int]:
@@ -168,7 +216,7 @@ def _report(args: argparse.Namespace, completion: Completion, tokenizer: Tokeniz
             "usage": {"prompt_tokens": len(completion.prompt_token_ids),
                       "completion_tokens": len(completion.token_ids)},
             "timings": {"load_s": round(load_s, 4), "generate_s": round(generate_s, 4)},
-        }))
+        }, ensure_ascii=False))
     else:
         print(text)
     rate = len(completion.token_ids) / generate_s if generate_s > 0 else 0.0
@@ -187,6 +235,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(err, file=sys.stderr)
     except USER_ERRORS as err:
         print(f"moe-cluster: error: {err}", file=sys.stderr)
+    except RUNTIME_ERRORS as err:
+        print(f"moe-cluster: failed: {err}", file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_USAGE
 
 

@@ -1,18 +1,24 @@
-"""Wiring: a model directory -> an engine with its experts (in-process for now) and KV cache."""
+"""Wiring: a model directory -> an engine whose experts run in-process or on Ray-hosted gRPC servers."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import os
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
+import ray
 import torch
 
+from cluster.controller import Controller, HostResources
+from cluster.placement import PlacementError, PlacementPlan
 from experts.backend import InProcessExperts
 from experts.weights import all_experts, load_shard
 from mixtral.checkpoint import Checkpoint
 from mixtral.config import ModelConfig
 from mixtral.model import Mixtral
+from router.dispatch import DispatchConfig, RemoteExperts, RoutingTable
 from router.engine import Engine, EngineConfig
 from router.kv_cache import CacheConfig, KVCache
 
@@ -80,3 +86,136 @@ def build_engine(model: Mixtral, cache: CacheConfig, engine: EngineConfig) -> En
 def build_local_engine(cfg: LocalConfig) -> Engine:
     """The whole model in this process, with the cache and step limits of `cfg`."""
     return build_engine(load_local_model(cfg), cfg.cache, cfg.engine)
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """Experts on Ray actors (the cluster backend); the router runs in this process."""
+
+    model_dir: Path
+    num_hosts: int = 2
+    replicas: int = 1
+    plan_path: Path | None = None  # a saved PlacementPlan; None: round-robin over num_hosts
+    ray_address: str | None = None  # None: start an embedded local Ray instance
+    dtype: str | None = None  # None: bfloat16 when hosts or router use a GPU, else float32
+    device: str | None = None  # the router's device
+    hosts: HostResources = field(default_factory=HostResources)
+    dispatch: DispatchConfig = field(default_factory=DispatchConfig)
+    name: str = "moe-controller"  # the controller actor's name in the Ray namespace
+    namespace: str = "moe-cluster"
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not supported: choose one of {sorted(DTYPES)}")
+        if self.device is not None:
+            check_device(self.device)
+        if self.num_hosts < 1:
+            raise ValueError(f"num_hosts={self.num_hosts} must be at least 1")
+
+    @property
+    def resolved_device(self) -> str:
+        return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    @property
+    def resolved_dtype(self) -> str:
+        if self.dtype is not None:
+            return self.dtype
+        uses_gpu = self.hosts.num_gpus > 0 or self.resolved_device.startswith("cuda")
+        return "bfloat16" if uses_gpu else "float32"
+
+
+class ClusterStartError(RuntimeError):
+    """The expert hosts could not be placed or did not start serving."""
+
+
+class ExpertCluster:
+    """A running set of expert hosts behind a controller, and the remote backend that calls them."""
+
+    def __init__(self, cfg: ClusterConfig, model_config: ModelConfig) -> None:
+        self.cfg = cfg
+        self._started_ray = connect_ray(cfg.ray_address, cfg.namespace)
+        plan = self._plan(model_config)
+        self.controller = self._start_controller(plan)
+        try:
+            ray.get(self.controller.wait_ready.remote())
+        except ray.exceptions.RayTaskError as err:
+            self.close()
+            raise ClusterStartError(f"expert hosts did not start: {err.cause}") from None
+        except Exception:
+            self.close()
+            raise
+        self.backend = RemoteExperts(self._fetch_table, model_config.num_local_experts, cfg.dispatch)
+
+    def _start_controller(self, plan: PlacementPlan) -> Any:
+        """The controller actor (a handle); it starts creating the plan's hosts at once."""
+        cfg = self.cfg
+        remote_controller = ray.remote(Controller).options(
+            name=cfg.name, namespace=cfg.namespace, lifetime="detached", num_cpus=0, max_concurrency=8)
+        return remote_controller.remote(plan.to_json(), str(cfg.model_dir), cfg.resolved_dtype, asdict(cfg.hosts),
+                                        cfg.dispatch.max_message_bytes)
+
+    def _plan(self, model_config: ModelConfig) -> PlacementPlan:
+        cfg = self.cfg
+        if cfg.plan_path is not None:
+            plan = PlacementPlan.load(cfg.plan_path)
+        else:
+            plan = PlacementPlan.round_robin(model_config.num_hidden_layers, model_config.num_local_experts,
+                                             cfg.num_hosts, cfg.replicas)
+        if (plan.num_layers, plan.num_experts) != (model_config.num_hidden_layers, model_config.num_local_experts):
+            raise PlacementError(f"the plan covers {plan.num_layers} layers x {plan.num_experts} experts; the "
+                                 f"model has {model_config.num_hidden_layers} x {model_config.num_local_experts}")
+        plan.validate()
+        return plan
+
+    def _fetch_table(self, refresh: bool) -> RoutingTable:
+        text: str = ray.get(self.controller.routing_table.remote(refresh), timeout=60)
+        return RoutingTable.from_json(text)
+
+    def hosts_info(self) -> list[dict[str, Any]]:
+        return list(ray.get(self.controller.hosts_info.remote(), timeout=60))
+
+    def close(self) -> None:
+        """Stop the hosts and the controller; shut Ray down if this cluster started it."""
+        backend = getattr(self, "backend", None)
+        if backend is not None:
+            backend.close()
+        try:
+            ray.get(self.controller.shutdown.remote(), timeout=60)
+        finally:
+            ray.kill(self.controller, no_restart=True)
+            if self._started_ray:
+                ray.shutdown()
+
+    def __enter__(self) -> ExpertCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect_ray(address: str | None, namespace: str) -> bool:
+    """Join the Ray cluster at `address`, or start a light local instance; True if this call started Ray."""
+    if ray.is_initialized():
+        return False
+    if address is None:
+        # An embedded single-machine instance: no dashboard, a small object store (no tensors go
+        # through it), and no token auth on a cluster that only this process can reach.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(namespace=namespace, include_dashboard=False, object_store_memory=200 * 2**20,
+                 log_to_driver=False, configure_logging=False)
+        return True
+    ray.init(address=address, namespace=namespace, log_to_driver=False, configure_logging=False)
+    return False
+
+
+def load_cluster_model(cfg: ClusterConfig) -> tuple[Mixtral, ExpertCluster]:
+    """Start the expert hosts of `cfg` and load the router's weights beside them."""
+    model_config = ModelConfig.from_json(cfg.model_dir / "config.json")
+    checkpoint = Checkpoint(cfg.model_dir, model_config)
+    cluster = ExpertCluster(cfg, model_config)
+    try:
+        model = Mixtral.load(checkpoint, DTYPES[cfg.resolved_dtype], cfg.resolved_device, cluster.backend)
+    except Exception:
+        cluster.close()
+        raise
+    return model, cluster

@@ -55,7 +55,7 @@ class Completion:
     prompt_token_ids: list[int]
     token_ids: list[int]  # generated tokens only, a stop token included
     logprobs: list[float]  # log-probability of each generated token under the model
-    finish_reason: str  # "stop" (EOS or a stop token) or "length"
+    finish_reason: str  # "stop" (EOS or a stop token), "length", or "error" (the step failed)
 
 
 @dataclass(slots=True)
@@ -127,9 +127,21 @@ class Engine:
                  ) -> list[Completion]:
         """Run a batch of prompts together to completion; results in the order of `prompts`."""
         seqs = [self.add(str(i), p, sp) for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
-        while self.running:
-            self.step()
+        try:
+            while self.running:
+                self.step()
+        except Exception:
+            self.abort_all()
+            raise
         return [s.completion() for s in seqs]
+
+    def abort_all(self) -> list[SequenceState]:
+        """Finish every running sequence with reason "error" and free its slot (after a failed step)."""
+        aborted, self.running = self.running, []
+        for seq in aborted:
+            seq.finish_reason = "error"
+            self.cache.free(seq.slot)
+        return aborted
 
     def step(self) -> list[SequenceState]:
         """Run one forward pass over the running sequences; returns those that finished in it."""

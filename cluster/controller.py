@@ -1,0 +1,136 @@
+"""The controller: a named, detached Ray actor that creates the expert hosts of a plan, watches them,
+and serves the versioned routing table (layer, expert) -> live endpoints.
+
+Hosts are placed through a placement group (one bundle per host, PACK or SPREAD over nodes) and
+restarted by Ray after a crash (`max_restarts`); a restarted host listens on a new port, which the
+next table refresh publishes under a new version. Everything it returns is plain JSON text or
+JSON-able data: no project objects travel through Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.placement import PlacementPlan
+from experts.actor import ExpertHost
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class HostResources:
+    """What each expert host asks of Ray, and how Ray supervises it."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0  # fractional allowed; 0: CPU-only hosts
+    strategy: str = "PACK"  # placement group strategy over nodes: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD
+    max_restarts: int = 3
+    ready_timeout_s: float = 120.0
+    probe_timeout_s: float = 2.0  # a host that does not report its endpoint in time is left out of the table
+
+    def __post_init__(self) -> None:
+        if self.strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ValueError(f"strategy={self.strategy!r} must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
+        if self.num_cpus <= 0 or self.num_gpus < 0:
+            raise ValueError(f"num_cpus={self.num_cpus} must be > 0 and num_gpus={self.num_gpus} >= 0")
+        if self.max_restarts < -1:
+            raise ValueError(f"max_restarts={self.max_restarts} must be -1 (forever) or more")
+
+
+class Controller:
+    """Creates and watches the hosts of one placement plan."""
+
+    def __init__(self, plan_json: str, model_dir: str, dtype: str | None, resources: dict[str, Any],
+                 max_message_bytes: int) -> None:
+        self.plan = PlacementPlan.from_json(plan_json)
+        self.resources = HostResources(**resources)
+        self.version = 0
+        self.endpoints: dict[str, str] = {}
+        self._lock = threading.Lock()
+        bundle = {"CPU": self.resources.num_cpus}
+        if self.resources.num_gpus:
+            bundle["GPU"] = self.resources.num_gpus
+        self.group = placement_group([dict(bundle) for _ in self.plan.hosts], strategy=self.resources.strategy)
+        remote_host = ray.remote(ExpertHost)
+        self.hosts: dict[str, Any] = {  # host id -> actor handle
+            host.host_id: remote_host.options(
+                num_cpus=self.resources.num_cpus, num_gpus=self.resources.num_gpus,
+                max_restarts=self.resources.max_restarts, max_concurrency=2,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=i),
+            ).remote(host.host_id, model_dir, [list(e) for e in host.entries], dtype, max_message_bytes)
+            for i, host in enumerate(self.plan.hosts)
+        }
+
+    def wait_ready(self) -> str:
+        """Block until every host serves; returns the routing table. Raises naming hosts that did not start."""
+        timeout = self.resources.ready_timeout_s
+        ready, _ = ray.wait([self.group.ready()], timeout=timeout)
+        if not ready:
+            raise RuntimeError(f"Ray could not place {len(self.plan.hosts)} hosts of {self._bundle_text()} "
+                               f"within {timeout:.0f} s; cluster resources: {ray.cluster_resources()}")
+        refs = {host_id: handle.endpoint.remote() for host_id, handle in self.hosts.items()}
+        _, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
+        late = [h for h, ref in refs.items() if ref in pending]
+        if late:
+            raise RuntimeError(f"hosts {late} did not start serving within {timeout:.0f} s")
+        with self._lock:
+            self.endpoints = {h: ray.get(ref) for h, ref in refs.items()}
+            self.version += 1
+        return self._table_json()
+
+    def routing_table(self, refresh: bool = False) -> str:
+        """JSON {"version", "routes": [[layer, expert, [endpoint, ...]], ...]}; refresh re-probes the hosts."""
+        if refresh:
+            self._probe()
+        return self._table_json()
+
+    def hosts_info(self) -> list[dict[str, Any]]:
+        """Per host: id, endpoint, node id and IP, GPU ids, device, pid, expert bytes, resident bytes."""
+        refs = [handle.info.remote() for handle in self.hosts.values()]
+        return [ray.get(ref, timeout=self.resources.probe_timeout_s * 5) for ref in refs]
+
+    def resources_json(self) -> str:
+        return json.dumps(asdict(self.resources))
+
+    def shutdown(self, grace_s: float = 1.0) -> None:
+        """Stop every host (after `grace_s` for calls in flight) and release the placement group."""
+        for handle in self.hosts.values():
+            try:
+                ray.get(handle.stop.remote(grace_s), timeout=grace_s + 5)
+            except Exception:  # a host that is already gone needs no stopping
+                log.info("host already stopped")
+            ray.kill(handle, no_restart=True)
+        remove_placement_group(self.group)
+
+    def _probe(self) -> None:
+        refs = {host_id: handle.endpoint.remote() for host_id, handle in self.hosts.items()}
+        deadline = time.monotonic() + self.resources.probe_timeout_s
+        endpoints = {}
+        for host_id, ref in refs.items():
+            try:
+                endpoints[host_id] = ray.get(ref, timeout=max(0.01, deadline - time.monotonic()))
+            except Exception:  # dead, restarting or slow: left out of the table until it answers
+                log.warning("host %s did not answer its probe; left out of the routing table", host_id)
+        with self._lock:
+            if endpoints != self.endpoints:
+                self.endpoints = endpoints
+                self.version += 1
+
+    def _table_json(self) -> str:
+        with self._lock:
+            routes = [[layer, expert, [self.endpoints[h] for h in self.plan.replicas(layer, expert)
+                                       if h in self.endpoints]]
+                      for layer in range(self.plan.num_layers) for expert in range(self.plan.num_experts)]
+            return json.dumps({"version": self.version, "routes": routes})
+
+    def _bundle_text(self) -> str:
+        return f"{self.resources.num_cpus} CPU / {self.resources.num_gpus} GPU each"

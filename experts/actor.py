@@ -1,0 +1,70 @@
+"""The Ray actor that hosts experts: a thin shell that loads its shard and runs the ExpertService.
+
+Ray places and supervises it (restarts it after a crash, on a new port); the token path never goes
+through Ray: routers call the gRPC endpoint this actor reports. Lifecycle methods only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import psutil
+import ray
+import torch
+
+from experts.service import ExpertServerConfig, ExpertServiceServicer, ServingThread
+from experts.weights import load_shard
+from mixtral.checkpoint import Checkpoint
+from mixtral.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ExpertHost:
+    """Loads the (layer, expert) entries of one plan host and serves them over gRPC."""
+
+    def __init__(self, host_id: str, model_dir: str, entries: list[list[int]], dtype: str | None,
+                 max_message_bytes: int) -> None:
+        self.host_id = host_id
+        self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+        self.device = torch.device("cuda:0" if self.gpu_ids and torch.cuda.is_available() else "cpu")
+        torch.set_num_threads(_assigned_cpus())
+        torch_dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        config = ModelConfig.from_json(Path(model_dir) / "config.json")
+        wanted = [(int(layer), int(expert)) for layer, expert in entries]
+        shard = load_shard(Checkpoint(Path(model_dir), config), wanted, torch_dtype, self.device)
+        servicer = ExpertServiceServicer(shard, config, host_id, torch_dtype, self.device)
+        self.address = ray.util.get_node_ip_address()
+        self.server = ServingThread.start(servicer, ExpertServerConfig(max_message_bytes=max_message_bytes),
+                                          address=self.address)
+        self.expert_bytes = shard.num_bytes
+        log.info("%s serves %d experts on %s:%d (%s)", host_id, len(entries), self.address, self.server.port,
+                 self.device)
+
+    def endpoint(self) -> str:
+        """host:port of this actor's ExpertService (changes when Ray restarts the actor)."""
+        return f"{self.address}:{self.server.port}"
+
+    def info(self) -> dict[str, Any]:
+        """Where the host runs and what it holds: plain JSON-able data."""
+        context = ray.get_runtime_context()
+        return {
+            "host_id": self.host_id, "endpoint": self.endpoint(), "node_id": context.get_node_id(),
+            "node_ip": self.address, "gpu_ids": self.gpu_ids, "device": str(self.device), "pid": os.getpid(),
+            "expert_bytes": self.expert_bytes, "rss_bytes": psutil.Process().memory_info().rss,
+        }
+
+    def stop(self, grace_s: float) -> None:
+        """Stop serving after `grace_s` seconds for calls in flight."""
+        self.server.stop(grace_s)
+
+
+def _assigned_cpus() -> int:
+    """Torch threads = the CPUs Ray gave this actor (at least one)."""
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    return max(1, int(cpus))

@@ -1,0 +1,188 @@
+"""The remote expert backend: one concurrent gRPC call per host per layer, replicas and failover.
+
+Shapes: T tokens of the step, D hidden, K experts per token. For a layer, each (token, k) slot is
+assigned to one replica of its expert; every host that got slots receives ONE request with its
+rows (each row once, the slots served elsewhere marked -1) and answers one row per input row.
+All hosts are called at once; the answers are summed into the output.
+
+Failures: a host that does not answer (UNAVAILABLE, DEADLINE_EXCEEDED) is dropped for this call,
+the routing table is refreshed, and its slots go to another replica. When an expert has no live
+replica, dispatch waits for Ray to restart one, up to `restart_wait_s`, then raises
+ExpertUnavailableError naming the layer and expert. Retries live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import torch
+from torch import Tensor
+
+from router.expert_client import ExpertClient
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class ExpertUnavailableError(RuntimeError):
+    """No replica of an expert answered within the retry budget."""
+
+    def __init__(self, layer: int, expert: int, waited_s: float) -> None:
+        super().__init__(f"no host of layer {layer} expert {expert} answered within {waited_s:.1f} s")
+        self.layer, self.expert = layer, expert
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchConfig:
+    """Deadlines and retry budget of expert calls."""
+
+    call_timeout_s: float = 10.0  # deadline of one host call
+    restart_wait_s: float = 30.0  # how long a layer waits for a replacement when no replica answers
+    retry_interval_s: float = 0.2  # pause between routing-table refreshes while waiting
+    max_message_bytes: int = 256 * 2**20
+
+    def __post_init__(self) -> None:
+        for name in ("call_timeout_s", "restart_wait_s", "retry_interval_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingTable:
+    """Versioned map (layer, expert) -> endpoints of its live replicas."""
+
+    version: int
+    routes: dict[tuple[int, int], tuple[str, ...]]
+
+    @classmethod
+    def from_json(cls, text: str) -> RoutingTable:
+        """{"version": v, "routes": [[layer, expert, ["host:port", ...]], ...]} -> RoutingTable."""
+        raw = json.loads(text)
+        routes = {(int(layer), int(expert)): tuple(endpoints) for layer, expert, endpoints in raw["routes"]}
+        return cls(int(raw["version"]), routes)
+
+
+TableSource = Callable[[bool], RoutingTable]  # refresh=True asks the controller to re-probe its hosts
+
+
+class RemoteExperts:
+    """ExpertBackend over gRPC: sums each token's experts as computed by their hosts."""
+
+    def __init__(self, fetch_table: TableSource, num_experts: int, cfg: DispatchConfig | None = None) -> None:
+        self.fetch_table = fetch_table
+        self.num_experts = num_experts
+        self.cfg = cfg or DispatchConfig()
+        self.table = fetch_table(False)
+        self.clients: dict[str, ExpertClient] = {}
+        self.outstanding: dict[str, int] = {}  # rows in flight per endpoint
+
+    def __call__(self, layer: int, hidden: Tensor, expert_ids: Tensor, weights: Tensor) -> Tensor:
+        """hidden [T, D], expert_ids and weights [T, K] -> [T, D] weighted sum of each row's experts."""
+        out = torch.zeros_like(hidden)
+        todo = torch.ones(expert_ids.shape, dtype=torch.bool)  # [T, K] slots not yet answered
+        failed: set[str] = set()
+        give_up_at = time.monotonic() + self.cfg.restart_wait_s
+        ids_cpu = expert_ids.cpu()
+        while bool(todo.any()):
+            assignment = self._assign(layer, ids_cpu, todo, failed)
+            if assignment is None:
+                self._wait_for_replica(layer, ids_cpu, todo, failed, give_up_at)
+                continue
+            newly_failed = self._call_hosts(layer, hidden, ids_cpu, weights, assignment, out, todo)
+            if newly_failed:
+                failed |= newly_failed
+                self.table = self.fetch_table(True)
+        return out
+
+    def _assign(self, layer: int, expert_ids: Tensor, todo: Tensor, failed: set[str]) -> dict[str, Tensor] | None:
+        """Endpoint -> [T, K] mask of the slots it serves; None when some expert has no live replica.
+
+        Each expert's slots go to one replica, the one with the fewest rows in flight or already
+        assigned, biggest experts first, so a replicated expert's load spreads over its hosts.
+        """
+        masks: dict[str, Tensor] = {}
+        load = dict(self.outstanding)
+        wanted = torch.bincount(expert_ids[todo].long(), minlength=self.num_experts)
+        for expert in torch.argsort(wanted, descending=True, stable=True).tolist():
+            rows = int(wanted[expert])
+            if rows == 0:
+                break
+            live = [ep for ep in self.table.routes.get((layer, expert), ()) if ep not in failed]
+            if not live:
+                return None
+            endpoint = min(live, key=lambda ep: load.get(ep, 0))
+            load[endpoint] = load.get(endpoint, 0) + rows
+            slots = todo & (expert_ids == expert)
+            masks[endpoint] = masks[endpoint] | slots if endpoint in masks else slots
+        return masks
+
+    def _call_hosts(self, layer: int, hidden: Tensor, expert_ids: Tensor, weights: Tensor,
+                    assignment: dict[str, Tensor], out: Tensor, todo: Tensor) -> set[str]:
+        """Call every assigned host at once; add the answers into `out`; returns endpoints that failed."""
+        calls: list[tuple[str, Tensor, Tensor, Any]] = []
+        for endpoint, slots in sorted(assignment.items()):
+            rows = torch.nonzero(slots.any(dim=1)).flatten()  # [T_h] each row once
+            ids = torch.where(slots[rows], expert_ids[rows], -1).to(torch.int32)
+            future = self._client(endpoint).dispatch(layer, hidden.index_select(0, rows.to(hidden.device)), ids,
+                                                     weights[rows].float().cpu(), self.cfg.call_timeout_s)
+            self.outstanding[endpoint] = self.outstanding.get(endpoint, 0) + len(rows)
+            calls.append((endpoint, rows, slots, future))
+        failed: set[str] = set()
+        for endpoint, rows, slots, future in calls:
+            try:
+                answer = ExpertClient.output(future.result())
+            except grpc.RpcError as err:
+                failed.add(self._failure(layer, endpoint, expert_ids, slots, err))
+                continue
+            finally:
+                self.outstanding[endpoint] -= len(rows)
+            out.index_add_(0, rows.to(out.device), answer.to(out.device))
+            todo &= ~slots
+        return failed
+
+    def _failure(self, layer: int, endpoint: str, expert_ids: Tensor, slots: Tensor, err: grpc.RpcError) -> str:
+        code = err.code()
+        experts = sorted(set(expert_ids[slots].tolist()))
+        if code not in RETRYABLE:
+            raise err  # a malformed request or a host bug: retrying elsewhere would not help
+        log.warning("layer %d experts %s: host %s failed (%s); retrying on another replica",
+                    layer, experts, endpoint, code.name)
+        self._drop_client(endpoint)
+        return endpoint
+
+    def _wait_for_replica(self, layer: int, expert_ids: Tensor, todo: Tensor, failed: set[str],
+                          give_up_at: float) -> None:
+        """No live replica for some expert: refresh the table until one appears or the budget ends."""
+        if time.monotonic() >= give_up_at:
+            expert = self._orphan(layer, expert_ids, todo, failed)
+            raise ExpertUnavailableError(layer, expert, self.cfg.restart_wait_s)
+        time.sleep(self.cfg.retry_interval_s)
+        self.table = self.fetch_table(True)
+        failed.clear()  # endpoints in a fresh table are worth one more try
+
+    def _orphan(self, layer: int, expert_ids: Tensor, todo: Tensor, failed: set[str]) -> int:
+        for expert in sorted(set(expert_ids[todo].tolist())):
+            if not [ep for ep in self.table.routes.get((layer, expert), ()) if ep not in failed]:
+                return int(expert)
+        return int(expert_ids[todo][0])
+
+    def _client(self, endpoint: str) -> ExpertClient:
+        if endpoint not in self.clients:
+            self.clients[endpoint] = ExpertClient(endpoint, self.cfg.max_message_bytes)
+        return self.clients[endpoint]
+
+    def _drop_client(self, endpoint: str) -> None:
+        client = self.clients.pop(endpoint, None)
+        if client is not None:
+            client.close()
+
+    def close(self) -> None:
+        for endpoint in list(self.clients):
+            self._drop_client(endpoint)
