@@ -8,6 +8,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from experts.weights import ExpertShard
+from mixtral.block import Done
 from mixtral.expert import ExpertWeights, group_by_expert, moe_combine
 
 
@@ -24,6 +25,10 @@ class InProcessExperts:
         """Weighted sum of each token's experts: hidden [T, D], expert_ids and weights [T, K] -> [T, D]."""
         groups = group_by_expert(expert_ids, weights, self.num_experts)
         return moe_combine(hidden, groups, self._layers[layer])
+
+    def submit(self, layer: int, hidden: Tensor, expert_ids: Tensor, weights: Tensor) -> Done:
+        """Computed at once: in one process there is nothing to overlap with."""
+        return Done(self(layer, hidden, expert_ids, weights))
 
     def close(self) -> None:
         self._layers.clear()

@@ -21,10 +21,30 @@ from mixtral.gate import route
 from mixtral.rope import apply_rope
 
 
+class PendingExperts(Protocol):
+    """Experts' answer for a layer that may still be computing elsewhere."""
+
+    def result(self) -> Tensor: ...
+
+
 class Experts(Protocol):
     """Computes sum_k weights[t, k] * expert_{ids[t, k]}(hidden[t]) for one layer: [T, D] -> [T, D]."""
 
     def __call__(self, layer: int, hidden: Tensor, expert_ids: Tensor, weights: Tensor) -> Tensor: ...
+
+    def submit(self, layer: int, hidden: Tensor, expert_ids: Tensor, weights: Tensor) -> PendingExperts:
+        """Start the computation and return at once, so other work overlaps it."""
+        ...
+
+
+class Done:
+    """A PendingExperts that is already computed."""
+
+    def __init__(self, value: Tensor) -> None:
+        self.value = value
+
+    def result(self) -> Tensor:
+        return self.value
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -57,11 +77,23 @@ class DecoderLayer:
     def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
                  meta: AttentionMetadata) -> Tensor:
         """Hidden states [T, D] -> [T, D]; appends the tokens' keys and values to the caches."""
+        x, h, expert_ids, gate_weights = self.attend_and_route(x, cos, sin, k_cache, v_cache, meta)
+        return x + self.experts(self.index, h, expert_ids, gate_weights)
+
+    def submit(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+               meta: AttentionMetadata) -> tuple[Tensor, PendingExperts]:
+        """The layer with its experts still in flight: (residual [T, D], pending expert output [T, D])."""
+        x, h, expert_ids, gate_weights = self.attend_and_route(x, cos, sin, k_cache, v_cache, meta)
+        return x, self.experts.submit(self.index, h, expert_ids, gate_weights)
+
+    def attend_and_route(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+                         meta: AttentionMetadata) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Attention and the gate: (residual [T, D], normed input of the experts [T, D], ids [T, K], weights [T, K])."""
         eps = self.config.rms_norm_eps
         x = x + self._attention(rms_norm(x, self.weights.input_norm, eps), cos, sin, k_cache, v_cache, meta)
         h = rms_norm(x, self.weights.post_attention_norm, eps)
         expert_ids, gate_weights = self._gate(h)
-        return x + self.experts(self.index, h, expert_ids, gate_weights)
+        return x, h, expert_ids, gate_weights
 
     def _attention(self, h: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
                    meta: AttentionMetadata) -> Tensor:

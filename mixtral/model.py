@@ -7,6 +7,7 @@ The model holds weights only: the KV cache arrives per call, the experts through
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -63,8 +64,44 @@ class Mixtral:
         cos, sin = rope_cos_sin(meta.positions, self.inv_freq, self.dtype)  # [T, Dh] each
         for layer, (k_cache, v_cache) in zip(self.layers, kv, strict=True):
             x = layer(x, cos, sin, k_cache, v_cache, meta)
-        x = rms_norm(x.index_select(0, logit_rows), self.final_norm, self.config.rms_norm_eps)  # [R, D]
+        return self.logits(x, logit_rows)
+
+    def logits(self, x: Tensor, rows: Tensor) -> Tensor:
+        """Final norm and LM head on the rows [R] of hidden states [T, D] -> [R, V] float32."""
+        x = rms_norm(x.index_select(0, rows), self.final_norm, self.config.rms_norm_eps)  # [R, D]
         return F.linear(x, self.lm_head).float()
+
+
+@dataclass(frozen=True, slots=True)
+class MicroBatch:
+    """One of the two halves of an overlapped step: its tokens [T], metadata and logit rows [R]."""
+
+    token_ids: Tensor
+    meta: AttentionMetadata
+    logit_rows: Tensor
+
+
+def forward_overlapped(model: Mixtral, a: MicroBatch, b: MicroBatch, kv: Sequence[tuple[Tensor, Tensor]]
+                       ) -> tuple[Tensor, Tensor]:
+    """Two micro-batches in ping-pong: while one's experts run (elsewhere), the other's attention runs here.
+
+    Per layer: attention of A, submit A's experts; finish B's previous layer; attention of B, submit
+    B's experts; finish A's. Returns the logits of A [Ra, V] and of B [Rb, V], float32. Each result
+    equals `model.forward` on that micro-batch alone.
+    """
+    xa, xb = F.embedding(a.token_ids, model.embed), F.embedding(b.token_ids, model.embed)
+    rope_a = rope_cos_sin(a.meta.positions, model.inv_freq, model.dtype)
+    rope_b = rope_cos_sin(b.meta.positions, model.inv_freq, model.dtype)
+    pending_b = None
+    for layer, (k_cache, v_cache) in zip(model.layers, kv, strict=True):
+        xa, pending_a = layer.submit(xa, *rope_a, k_cache, v_cache, a.meta)
+        if pending_b is not None:
+            xb = xb + pending_b.result()
+        xb, pending_b = layer.submit(xb, *rope_b, k_cache, v_cache, b.meta)
+        xa = xa + pending_a.result()
+    assert pending_b is not None
+    xb = xb + pending_b.result()
+    return model.logits(xa, a.logit_rows), model.logits(xb, b.logit_rows)
 
 
 def _layer_weights(tensors: dict[str, Tensor], names: dict[str, str]) -> LayerWeights:

@@ -72,6 +72,16 @@ class RoutingTable:
 TableSource = Callable[[bool], RoutingTable]  # refresh=True asks the controller to re-probe its hosts
 
 
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One Dispatch call in flight: its host, the rows [T_h] and slots [T, K] it carries, its future."""
+
+    endpoint: str
+    rows: Tensor
+    slots: Tensor
+    future: Any
+
+
 class RemoteExperts:
     """ExpertBackend over gRPC: sums each token's experts as computed by their hosts."""
 
@@ -85,23 +95,13 @@ class RemoteExperts:
 
     def __call__(self, layer: int, hidden: Tensor, expert_ids: Tensor, weights: Tensor) -> Tensor:
         """hidden [T, D], expert_ids and weights [T, K] -> [T, D] weighted sum of each row's experts."""
-        out = torch.zeros_like(hidden)
-        todo = torch.ones(expert_ids.shape, dtype=torch.bool)  # [T, K] slots not yet answered
-        failed: set[str] = set()
-        give_up_at = time.monotonic() + self.cfg.restart_wait_s
-        ids_cpu = expert_ids.cpu()
-        while bool(todo.any()):
-            assignment = self._assign(layer, ids_cpu, todo, failed)
-            if assignment is None:
-                self._wait_for_replica(layer, ids_cpu, todo, failed, give_up_at)
-                continue
-            newly_failed = self._call_hosts(layer, hidden, ids_cpu, weights, assignment, out, todo)
-            if newly_failed:
-                failed |= newly_failed
-                self.table = self.fetch_table(True)
-        return out
+        return self.submit(layer, hidden, expert_ids, weights).result()
 
-    def _assign(self, layer: int, expert_ids: Tensor, todo: Tensor, failed: set[str]) -> dict[str, Tensor] | None:
+    def submit(self, layer: int, hidden: Tensor, expert_ids: Tensor, weights: Tensor) -> PendingDispatch:
+        """Send the layer's calls and return at once; `result()` collects (and retries) them."""
+        return PendingDispatch(self, layer, hidden, expert_ids, weights)
+
+    def assign(self, layer: int, expert_ids: Tensor, todo: Tensor, failed: set[str]) -> dict[str, Tensor] | None:
         """Endpoint -> [T, K] mask of the slots it serves; None when some expert has no live replica.
 
         Each expert's slots go to one replica, the one with the fewest rows in flight or already
@@ -123,28 +123,32 @@ class RemoteExperts:
             masks[endpoint] = masks[endpoint] | slots if endpoint in masks else slots
         return masks
 
-    def _call_hosts(self, layer: int, hidden: Tensor, expert_ids: Tensor, weights: Tensor,
-                    assignment: dict[str, Tensor], out: Tensor, todo: Tensor) -> set[str]:
-        """Call every assigned host at once; add the answers into `out`; returns endpoints that failed."""
-        calls: list[tuple[str, Tensor, Tensor, Any]] = []
+    def send(self, layer: int, hidden: Tensor, expert_ids: Tensor, weights: Tensor,
+             assignment: dict[str, Tensor]) -> list[Call]:
+        """Start one call per assigned host, all at once."""
+        calls = []
         for endpoint, slots in sorted(assignment.items()):
             rows = torch.nonzero(slots.any(dim=1)).flatten()  # [T_h] each row once
             ids = torch.where(slots[rows], expert_ids[rows], -1).to(torch.int32)
             future = self._client(endpoint).dispatch(layer, hidden.index_select(0, rows.to(hidden.device)), ids,
                                                      weights[rows].float().cpu(), self.cfg.call_timeout_s)
             self.outstanding[endpoint] = self.outstanding.get(endpoint, 0) + len(rows)
-            calls.append((endpoint, rows, slots, future))
+            calls.append(Call(endpoint, rows, slots, future))
+        return calls
+
+    def collect(self, layer: int, expert_ids: Tensor, calls: list[Call], out: Tensor, todo: Tensor) -> set[str]:
+        """Add the answers of `calls` into `out` and clear their slots in `todo`; returns endpoints that failed."""
         failed: set[str] = set()
-        for endpoint, rows, slots, future in calls:
+        for call in calls:
             try:
-                answer = ExpertClient.output(future.result())
+                answer = ExpertClient.output(call.future.result())
             except grpc.RpcError as err:
-                failed.add(self._failure(layer, endpoint, expert_ids, slots, err))
+                failed.add(self._failure(layer, call.endpoint, expert_ids, call.slots, err))
                 continue
             finally:
-                self.outstanding[endpoint] -= len(rows)
-            out.index_add_(0, rows.to(out.device), answer.to(out.device))
-            todo &= ~slots
+                self.outstanding[call.endpoint] -= len(call.rows)
+            out.index_add_(0, call.rows.to(out.device), answer.to(out.device))
+            todo &= ~call.slots
         return failed
 
     def _failure(self, layer: int, endpoint: str, expert_ids: Tensor, slots: Tensor, err: grpc.RpcError) -> str:
@@ -157,8 +161,8 @@ class RemoteExperts:
         self._drop_client(endpoint)
         return endpoint
 
-    def _wait_for_replica(self, layer: int, expert_ids: Tensor, todo: Tensor, failed: set[str],
-                          give_up_at: float) -> None:
+    def wait_for_replica(self, layer: int, expert_ids: Tensor, todo: Tensor, failed: set[str],
+                         give_up_at: float) -> None:
         """No live replica for some expert: refresh the table until one appears or the budget ends."""
         if time.monotonic() >= give_up_at:
             expert = self._orphan(layer, expert_ids, todo, failed)
@@ -186,3 +190,38 @@ class RemoteExperts:
     def close(self) -> None:
         for endpoint in list(self.clients):
             self._drop_client(endpoint)
+
+
+class PendingDispatch:
+    """One layer's expert calls, sent on construction; `result()` gathers answers and retries failures."""
+
+    def __init__(self, backend: RemoteExperts, layer: int, hidden: Tensor, expert_ids: Tensor,
+                 weights: Tensor) -> None:
+        self.backend, self.layer, self.hidden, self.weights = backend, layer, hidden, weights
+        self.expert_ids = expert_ids.cpu()
+        self.out = torch.zeros_like(hidden)
+        self.todo = torch.ones(expert_ids.shape, dtype=torch.bool)  # [T, K] slots not yet answered
+        self.failed: set[str] = set()
+        self.give_up_at = time.monotonic() + backend.cfg.restart_wait_s
+        self.calls = self._send()
+
+    def result(self) -> Tensor:
+        """The [T, D] sum of every row's experts, once every slot has been answered by some replica."""
+        backend = self.backend
+        while True:
+            newly_failed = backend.collect(self.layer, self.expert_ids, self.calls, self.out, self.todo)
+            if newly_failed:
+                self.failed |= newly_failed
+                backend.table = backend.fetch_table(True)
+            if not bool(self.todo.any()):
+                return self.out
+            self.calls = self._send()
+
+    def _send(self) -> list[Call]:
+        backend = self.backend
+        while bool(self.todo.any()):
+            assignment = backend.assign(self.layer, self.expert_ids, self.todo, self.failed)
+            if assignment is not None:
+                return backend.send(self.layer, self.hidden, self.expert_ids, self.weights, assignment)
+            backend.wait_for_replica(self.layer, self.expert_ids, self.todo, self.failed, self.give_up_at)
+        return []

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from mixtral.attention import build_metadata
-from mixtral.model import Mixtral
+from mixtral.model import MicroBatch, Mixtral, forward_overlapped
 from router.kv_cache import KVCache
 from router.sampler import SamplingParams, new_generator, sample
 
@@ -41,6 +41,7 @@ class EngineConfig:
     """Per-step limits."""
 
     max_batch_tokens: int = 2048  # new tokens (prompt chunks + decodes) in one step
+    overlap_microbatches: bool = False  # split a step in two so one half's attention overlaps the other's experts
 
     def __post_init__(self) -> None:
         if self.max_batch_tokens < 1:
@@ -176,17 +177,29 @@ class Engine:
         return StepPlan([plan.sequences[i] for i in plan_order], [plan.num_new[i] for i in plan_order])
 
     def _forward(self, plan: StepPlan, sampling: list[SequenceState]) -> Tensor:
-        device = self.model.device
-        meta = build_metadata([s.slot for s in plan.sequences], [s.num_cached for s in plan.sequences],
-                              plan.num_new, self.cache.capacity, self.model.config.sliding_window, device)
-        token_ids = [t for s, n in zip(plan.sequences, plan.num_new, strict=True)
-                     for t in s.tokens[s.num_cached:s.num_cached + n]]
-        ends = torch.cumsum(torch.tensor(plan.num_new), 0) - 1
+        """Logits [R, V] of the sequences that sample this step, in plan order."""
         wanted = {id(s) for s in sampling}
-        rows = [int(ends[i]) for i, s in enumerate(plan.sequences) if id(s) in wanted]
         with torch.inference_mode():
-            return self.model.forward(torch.tensor(token_ids, device=device), meta, self.cache.layers,
-                                      torch.tensor(rows, dtype=torch.int64, device=device)).cpu()
+            if self.cfg.overlap_microbatches and len(plan.sequences) >= 2:
+                half = _balanced_split(plan.num_new)
+                first = self._microbatch(plan.sequences[:half], plan.num_new[:half], wanted)
+                second = self._microbatch(plan.sequences[half:], plan.num_new[half:], wanted)
+                logits = torch.cat(forward_overlapped(self.model, first, second, self.cache.layers))
+            else:
+                batch = self._microbatch(plan.sequences, plan.num_new, wanted)
+                logits = self.model.forward(batch.token_ids, batch.meta, self.cache.layers, batch.logit_rows)
+        return logits.cpu()
+
+    def _microbatch(self, seqs: list[SequenceState], num_new: list[int], wanted: set[int]) -> MicroBatch:
+        """Tokens, attention metadata and logit rows of a group of the step's sequences."""
+        device = self.model.device
+        meta = build_metadata([s.slot for s in seqs], [s.num_cached for s in seqs], num_new, self.cache.capacity,
+                              self.model.config.sliding_window, device)
+        token_ids = [t for s, n in zip(seqs, num_new, strict=True) for t in s.tokens[s.num_cached:s.num_cached + n]]
+        ends = torch.cumsum(torch.tensor(num_new), 0) - 1
+        rows = [int(ends[i]) for i, s in enumerate(seqs) if id(s) in wanted]
+        return MicroBatch(torch.tensor(token_ids, device=device), meta,
+                          torch.tensor(rows, dtype=torch.int64, device=device))
 
     def _append(self, seq: SequenceState, token: int, logprob: float) -> None:
         seq.tokens.append(token)
@@ -195,3 +208,13 @@ class Engine:
             seq.finish_reason = "stop"
         elif seq.num_generated >= seq.params.max_new_tokens:
             seq.finish_reason = "length"
+
+
+def _balanced_split(num_new: list[int]) -> int:
+    """Index splitting the step's sequences into two runs of about equal token counts (both non-empty)."""
+    total, running = sum(num_new), 0
+    for i, n in enumerate(num_new[:-1]):
+        running += n
+        if 2 * running >= total:
+            return i + 1
+    return len(num_new) - 1

@@ -157,3 +157,16 @@ def test_bad_requests_are_refused_with_a_reason(model: Mixtral) -> None:
     engine.add("d", [1, 2], GREEDY)
     with pytest.raises(CacheFullError):
         engine.add("e", [1, 2], GREEDY)
+
+
+@pytest.mark.parametrize("which", ["moe", "sliding"])
+def test_overlapped_microbatches_compute_what_one_batch_does(which: str, model: Mixtral,
+                                                             sliding_model: Mixtral) -> None:
+    m = model if which == "moe" else sliding_model
+    whole = generate(m, PROMPTS)
+    engine = build_engine(m, CacheConfig(num_slots=4, max_seq_len=256),
+                          EngineConfig(max_batch_tokens=7, overlap_microbatches=True))  # chunks beside decodes
+    overlapped = engine.generate(PROMPTS, [GREEDY] * len(PROMPTS))
+    for a, b in zip(whole, overlapped):
+        assert a.token_ids == b.token_ids
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
