@@ -200,8 +200,9 @@ def connect_ray(address: str | None, namespace: str) -> bool:
     if address is None:
         # An embedded single-machine instance: no dashboard, a small object store (no tensors go
         # through it), and no token auth on a cluster that only this process can reach.
+        # address="local": always a new instance, never another cluster found on this machine.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(namespace=namespace, include_dashboard=False, object_store_memory=200 * 2**20,
+        ray.init(address="local", namespace=namespace, include_dashboard=False, object_store_memory=200 * 2**20,
                  log_to_driver=False, configure_logging=False)
         return True
     ray.init(address=address, namespace=namespace, log_to_driver=False, configure_logging=False)

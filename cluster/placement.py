@@ -50,7 +50,9 @@ class PlacementPlan:
 
     @classmethod
     def round_robin(cls, num_layers: int, num_experts: int, num_hosts: int, replicas: int = 1) -> PlacementPlan:
-        """Expert e of every layer on hosts (e + r) % num_hosts, r < replicas: each layer spread evenly.
+        """Deal the replica slots of each layer's experts to the hosts in turn: slot r of (layer, expert)
+        goes to host ((layer * E + expert) * replicas + r) % num_hosts. The replicas of an expert land on
+        distinct hosts and, in every layer, host loads differ by at most one entry.
 
         Example: 8 experts, 2 hosts, 1 replica -> host-0 serves experts 0, 2, 4, 6 of every layer.
         """
@@ -62,7 +64,7 @@ class PlacementPlan:
         for layer in range(num_layers):
             for expert in range(num_experts):
                 for r in range(replicas):
-                    entries[(expert + r) % num_hosts].append((layer, expert))
+                    entries[((layer * num_experts + expert) * replicas + r) % num_hosts].append((layer, expert))
         return cls(num_layers, num_experts, tuple(HostPlan(f"host-{i}", tuple(e)) for i, e in enumerate(entries)))
 
     def validate(self, expert_bytes: int | None = None, host_memory_bytes: int | None = None) -> None:

@@ -353,3 +353,12 @@ def test_user_error_is_one_line_naming_the_culprit(
     assert returncode == 2, err
     assert out == ""
     assert_one_line_naming(err, name, root, good)
+
+
+def test_generate_on_an_embedded_ray_cluster_equals_the_local_run(tiny_checkpoint: Path) -> None:
+    # No --ray-address: the command starts its own local Ray instance, 2 expert hosts, and stops them.
+    args = ["generate", "--model", str(tiny_checkpoint), "--token-ids", "1,415,5565,302", "--temperature", "0",
+            "--max-new-tokens", "6", "--json"]
+    local, remote = run_together({"local": args, "cluster": [*args, "--backend", "cluster", "--hosts", "2",
+                                                             "--replicas", "2"]}).values()
+    assert remote.json()["token_ids"] == local.json()["token_ids"]
