@@ -61,7 +61,7 @@ def test_json_round_trip_and_bad_files(tmp_path: Path) -> None:
     plan.save(tmp_path / "plan.json")
     assert PlacementPlan.load(tmp_path / "plan.json") == plan
     (tmp_path / "bad.json").write_text('{"layers": 1}')
-    with pytest.raises(PlacementError, match="bad.json: not a placement plan"):
+    with pytest.raises(PlacementError, match=r"bad\.json: not a placement plan"):
         PlacementPlan.load(tmp_path / "bad.json")
     with pytest.raises(PlacementError, match="unique"):
         PlacementPlan(1, 1, (HostPlan("a", ((0, 0),)), HostPlan("a", ((0, 0),))))
