@@ -36,6 +36,7 @@ class HostResources:
     max_restarts: int = 3
     ready_timeout_s: float = 120.0
     probe_timeout_s: float = 2.0  # a host that does not report its endpoint in time is left out of the table
+    health_interval_s: float = 2.0  # how often the controller re-probes its hosts on its own
 
     def __post_init__(self) -> None:
         if self.strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
@@ -56,6 +57,7 @@ class Controller:
         self.version = 0
         self.endpoints: dict[str, str] = {}
         self._lock = threading.Lock()
+        self._stopped = threading.Event()
         bundle = {"CPU": self.resources.num_cpus}
         if self.resources.num_gpus:
             bundle["GPU"] = self.resources.num_gpus
@@ -85,7 +87,15 @@ class Controller:
         with self._lock:
             self.endpoints = {h: ray.get(ref) for h, ref in refs.items()}
             self.version += 1
+        threading.Thread(target=self._watch, name="host-health", daemon=True).start()
         return self._table_json()
+
+    def is_serving(self) -> bool:
+        """True while every (layer, expert) of the plan has at least one live host."""
+        with self._lock:
+            live = set(self.endpoints)
+        return all(any(h in live for h in self.plan.replicas(layer, expert))
+                   for layer in range(self.plan.num_layers) for expert in range(self.plan.num_experts))
 
     def routing_table(self, refresh: bool = False) -> str:
         """JSON {"version", "routes": [[layer, expert, [endpoint, ...]], ...]}; refresh re-probes the hosts."""
@@ -103,6 +113,7 @@ class Controller:
 
     def shutdown(self, grace_s: float = 1.0) -> None:
         """Stop every host (after `grace_s` for calls in flight) and release the placement group."""
+        self._stopped.set()
         for handle in self.hosts.values():
             try:
                 ray.get(handle.stop.remote(grace_s), timeout=grace_s + 5)
@@ -110,6 +121,11 @@ class Controller:
                 log.info("host already stopped")
             ray.kill(handle, no_restart=True)
         remove_placement_group(self.group)
+
+    def _watch(self) -> None:
+        """Re-probe the hosts periodically, so a restarted host is published without a router asking."""
+        while not self._stopped.wait(self.resources.health_interval_s):
+            self._probe()
 
     def _probe(self) -> None:
         refs = {host_id: handle.endpoint.remote() for host_id, handle in self.hosts.items()}
@@ -122,6 +138,9 @@ class Controller:
                 log.warning("host %s did not answer its probe; left out of the routing table", host_id)
         with self._lock:
             if endpoints != self.endpoints:
+                gone = sorted(set(self.endpoints) - set(endpoints))
+                new = sorted(h for h, ep in endpoints.items() if self.endpoints.get(h) != ep)
+                log.warning("routing table v%d: hosts down %s, (re)started %s", self.version + 1, gone, new)
                 self.endpoints = endpoints
                 self.version += 1
 
