@@ -112,6 +112,8 @@ def _add_cluster_flags(p: Parser) -> None:
     group.add_argument("--hosts", type=_positive_int, default=2, help="expert hosts (round-robin plan)")
     group.add_argument("--replicas", type=_positive_int, default=1, help="hosts serving each expert")
     group.add_argument("--plan", type=Path, default=None, help="a placement plan JSON instead of round-robin")
+    group.add_argument("--host-memory", type=_positive_int, default=None, metavar="BYTES",
+                       help="refuse a plan that puts more expert weights than this on any host")
     group.add_argument("--ray-address", default=None,
                        help="join this Ray cluster (default: start a local instance and stop it afterwards)")
     group.add_argument("--cpus-per-host", type=float, default=1.0, help="Ray CPUs (and torch threads) per host")
@@ -178,7 +180,8 @@ def _load_model(args: argparse.Namespace) -> tuple[Mixtral, ExpertCluster | None
     hosts = HostResources(num_cpus=args.cpus_per_host, num_gpus=args.gpus_per_host,
                           strategy=args.placement_strategy, max_restarts=args.max_restarts)
     cfg = ClusterConfig(args.model, num_hosts=args.hosts, replicas=args.replicas, plan_path=args.plan,
-                        ray_address=args.ray_address, dtype=args.dtype, device=args.device, hosts=hosts,
+                        host_memory_bytes=args.host_memory, ray_address=args.ray_address, dtype=args.dtype,
+                        device=args.device, hosts=hosts,
                         dispatch=DispatchConfig(restart_wait_s=args.restart_wait))
     return load_cluster_model(cfg)
 

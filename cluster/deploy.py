@@ -96,6 +96,7 @@ class ClusterConfig:
     num_hosts: int = 2
     replicas: int = 1
     plan_path: Path | None = None  # a saved PlacementPlan; None: round-robin over num_hosts
+    host_memory_bytes: int | None = None  # expert-weight budget of each host; None: not checked
     ray_address: str | None = None  # None: start an embedded local Ray instance
     dtype: str | None = None  # None: bfloat16 when hosts or router use a GPU, else float32
     device: str | None = None  # the router's device
@@ -133,8 +134,8 @@ class ExpertCluster:
 
     def __init__(self, cfg: ClusterConfig, model_config: ModelConfig) -> None:
         self.cfg = cfg
-        self._started_ray = connect_ray(cfg.ray_address, cfg.namespace)
         plan = self._plan(model_config)
+        self._started_ray = connect_ray(cfg.ray_address, cfg.namespace)
         self.controller = self._start_controller(plan)
         try:
             ray.get(self.controller.wait_ready.remote())
@@ -164,7 +165,8 @@ class ExpertCluster:
         if (plan.num_layers, plan.num_experts) != (model_config.num_hidden_layers, model_config.num_local_experts):
             raise PlacementError(f"the plan covers {plan.num_layers} layers x {plan.num_experts} experts; the "
                                  f"model has {model_config.num_hidden_layers} x {model_config.num_local_experts}")
-        plan.validate()
+        itemsize = DTYPES[cfg.resolved_dtype].itemsize
+        plan.validate(model_config.expert_num_params * itemsize, cfg.host_memory_bytes)
         return plan
 
     def _fetch_table(self, refresh: bool) -> RoutingTable:

@@ -362,3 +362,15 @@ def test_generate_on_an_embedded_ray_cluster_equals_the_local_run(tiny_checkpoin
     local, remote = run_together({"local": args, "cluster": [*args, "--backend", "cluster", "--hosts", "2",
                                                              "--replicas", "2"]}).values()
     assert remote.json()["token_ids"] == local.json()["token_ids"]
+
+
+def test_a_plan_over_the_host_memory_budget_is_refused_before_anything_starts(tiny_checkpoint: Path,
+                                                                               capsys: pytest.CaptureFixture[str]
+                                                                               ) -> None:
+    from cluster.cli import main
+
+    code = main(["generate", "--model", str(tiny_checkpoint), "--token-ids", "1", "--backend", "cluster",
+                 "--hosts", "2", "--host-memory", "100000"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "host-0" in err and "more than its memory budget of 100000 bytes" in err
