@@ -7,6 +7,7 @@ line on stderr and exit code 2; prompts and completions are never logged.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
@@ -16,8 +17,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+import grpc
 import torch
 
+from cluster.client import ClientConfig, build_request
+from cluster.client import generate as client_generate
 from cluster.controller import HostResources
 from cluster.demo import SIZES, write_demo_model
 from cluster.deploy import (
@@ -25,19 +29,26 @@ from cluster.deploy import (
     ClusterConfig,
     ClusterStartError,
     ExpertCluster,
+    ExpertsWrapper,
     LocalConfig,
     build_engine,
     load_cluster_model,
     load_local_model,
 )
 from cluster.placement import PlacementError
+from cluster.serve import ServeConfig, Served, serve
+from mixtral.block import Experts
 from mixtral.checkpoint import CheckpointError
-from mixtral.config import ConfigError
+from mixtral.config import ConfigError, ModelConfig
 from mixtral.model import Mixtral
+from protos import router_pb2
+from router.api import ApiLimits, ServerConfig, TlsConfig
 from router.dispatch import DispatchConfig, ExpertUnavailableError
 from router.engine import Completion, EngineConfig, RequestError
+from router.expert_load import CountingExperts
 from router.kv_cache import CacheConfig
 from router.sampler import SamplingParams
+from router.scheduler import SchedulerConfig
 from router.tokenizer import ChatMessage, Tokenizer, TokenizerError, load_tokenizer
 
 log = logging.getLogger("moe-cluster")
@@ -66,6 +77,7 @@ def build_parser() -> Parser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     _add_demo_model(commands)
     _add_generate(commands)
+    _add_serve(commands)
     return parser
 
 
@@ -81,8 +93,10 @@ def _add_demo_model(commands: argparse._SubParsersAction[Parser]) -> None:
 
 
 def _add_generate(commands: argparse._SubParsersAction[Parser]) -> None:
-    p = commands.add_parser("generate", help="generate from a prompt in this process")
-    p.add_argument("--model", type=Path, required=True, help="model directory (config.json + safetensors)")
+    p = commands.add_parser("generate", help="generate from a prompt, in this process or on a server")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--model", type=Path, help="model directory (config.json + safetensors): run here")
+    where.add_argument("--server", metavar="HOST:PORT", help="ask a running `moe-cluster serve` instead")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="prompt text")
     source.add_argument("--token-ids", type=_token_ids, help="prompt token ids, comma-separated")
@@ -101,6 +115,14 @@ def _add_generate(commands: argparse._SubParsersAction[Parser]) -> None:
     p.add_argument("--tokenizer", default=None,
                    help="hf, mistral-v1, mistral-v3, ... (default: tokenizer.json, else by vocabulary)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--stop", action="append", default=[], help="stop string (--server only; repeatable)")
+    client = p.add_argument_group("client of a server (--server)")
+    client.add_argument("--stream", action="store_true", help="print text as it is generated")
+    client.add_argument("--ca-cert", type=Path, default=None, help="CA (PEM) of the server's certificate: use TLS")
+    client.add_argument("--client-cert", type=Path, default=None, help="client certificate (PEM) for mTLS")
+    client.add_argument("--client-key", type=Path, default=None, help="client key (PEM) for mTLS")
+    client.add_argument("--auth-token-file", type=Path, default=None, help="file holding the bearer token")
+    client.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS", help="deadline of the call")
     _add_cluster_flags(p)
     p.set_defaults(run=run_generate)
 
@@ -123,6 +145,54 @@ def _add_cluster_flags(p: Parser) -> None:
     group.add_argument("--max-restarts", type=int, default=3, help="Ray restarts of a failed host (-1: forever)")
     group.add_argument("--restart-wait", type=float, default=30.0, metavar="SECONDS",
                        help="how long a layer waits for a restarted host when no replica of an expert answers")
+
+
+def _add_serve(commands: argparse._SubParsersAction[Parser]) -> None:
+    p = commands.add_parser("serve", help="serve the public gRPC API (moe.v1, KServe v2, health, reflection)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", type=Path, help="model directory (config.json + safetensors)")
+    source.add_argument("--demo", choices=sorted(SIZES), help="serve a demo checkpoint, built once into --demo-cache")
+    p.add_argument("--demo-cache", type=Path, default=Path.home() / ".cache" / "moe-cluster",
+                   help="where --demo checkpoints are built and reused")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
+    p.add_argument("--port", type=_port, default=50051, help="public gRPC port")
+    p.add_argument("--metrics-port", type=_port, default=9090, help="Prometheus metrics over HTTP (0: off)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="default: bfloat16 on a GPU, float32 on the CPU")
+    p.add_argument("--device", default=None, help="the router's device: cpu, cuda or cuda:N")
+    p.add_argument("--tokenizer", default=None, help="as for generate")
+    security = p.add_argument_group("security")
+    security.add_argument("--tls-cert", type=Path, default=None, help="server certificate (PEM); enables TLS")
+    security.add_argument("--tls-key", type=Path, default=None, help="server private key (PEM)")
+    security.add_argument("--tls-client-ca", type=Path, default=None,
+                          help="CA bundle (PEM): require client certificates signed by it (mTLS)")
+    security.add_argument("--auth-token-file", type=Path, default=None,
+                          help="require 'authorization: Bearer <token>' with the token in this file")
+    security.add_argument("--log-content", action="store_true",
+                          help="allow prompt and completion text in logs (off: never logged)")
+    limits = p.add_argument_group("limits")
+    limits.add_argument("--max-queue", type=_positive_int, default=64,
+                        help="waiting requests before RESOURCE_EXHAUSTED")
+    limits.add_argument("--max-running", type=_positive_int, default=32, help="sequences generating at once")
+    limits.add_argument("--max-prompt-tokens", type=_positive_int, default=4096, help="longer prompts: OUT_OF_RANGE")
+    limits.add_argument("--max-new-tokens-cap", type=_positive_int, default=2048,
+                        help="cap on a request's max_new_tokens")
+    limits.add_argument("--max-batch-tokens", type=_positive_int, default=2048, help="new tokens per engine step")
+    limits.add_argument("--max-message-bytes", type=_positive_int, default=16 * 2**20, help="gRPC message size limit")
+    limits.add_argument("--grace-period", type=float, default=30.0, metavar="SECONDS",
+                        help="on SIGTERM, how long running requests may finish")
+    _add_cluster_flags(p)
+    p.set_defaults(run=run_serve)
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port number (0-65535)")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -158,8 +228,12 @@ def run_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                             stop_token_ids=tuple(args.stop_token_ids), ignore_eos=args.ignore_eos)
+    if args.server is not None:
+        return _generate_remote(args, params)
+    if args.stop:
+        raise UsageError("moe-cluster generate: --stop needs --server (the local run stops on token ids)")
     start = time.perf_counter()
-    model, cluster = _load_model(args)
+    model, cluster = _load_model(args, args.model)
     try:
         tokenizer = load_tokenizer(args.model, model.config.vocab_size, args.tokenizer)
         prompt = _prompt_ids(args, tokenizer)
@@ -174,16 +248,119 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_model(args: argparse.Namespace) -> tuple[Mixtral, ExpertCluster | None]:
+def _generate_remote(args: argparse.Namespace, params: SamplingParams) -> int:
+    token = _read_token(args.auth_token_file) if args.auth_token_file else None
+    cfg = ClientConfig(args.server, args.ca_cert, args.client_cert, args.client_key, token, args.timeout)
+    chat = _read_chat(args.chat) if args.chat is not None else None
+    request = build_request(params, text=args.prompt, token_ids=args.token_ids, chat=chat, stop=args.stop)
+
+    def show(text: str) -> None:
+        print(text, end="", flush=True)
+
+    try:
+        result = client_generate(cfg, request, args.stream, None if args.json else show)
+    except grpc.RpcError as err:
+        code = err.code()
+        print(f"moe-cluster: {code.name}: {err.details()}", file=sys.stderr)
+        return EXIT_USAGE if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE) else EXIT_FAILURE
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+    elif args.stream:
+        print()
+    else:
+        print(result["text"])
+    return 0
+
+
+def _read_token(path: Path) -> str:
+    token = path.read_text().strip()
+    if not token:
+        raise UsageError(f"{path}: the token file is empty")
+    return token
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    model_dir = args.model if args.model is not None else _demo_dir(args.demo, args.demo_cache)
+    model_config = ModelConfig.from_json(model_dir / "config.json")
+    tokenizer = load_tokenizer(model_dir, model_config.vocab_size, args.tokenizer)
+    counting: list[CountingExperts] = []
+
+    def wrap(experts: Experts) -> Experts:
+        counting.append(CountingExperts(experts, model_config.num_hidden_layers, model_config.num_local_experts))
+        return counting[0]
+
+    cfg = _serve_config(args)
+    model, cluster = _load_model(args, model_dir, wrap)
+    try:
+        info = _model_info(model, args, cfg, tokenizer)
+        healthy = cluster.is_serving if cluster is not None else (lambda: True)
+
+        def ready(served: Served) -> None:
+            print(f"moe-cluster: serving {model_dir.name} on {args.host}:{served.public.port} "
+                  f"(metrics on :{args.metrics_port})", flush=True)
+
+        asyncio.run(serve(model, counting[0], tokenizer, cfg, info, healthy, ready))
+    finally:
+        if cluster is not None:
+            cluster.close()
+    return 0
+
+
+def _serve_config(args: argparse.Namespace) -> ServeConfig:
+    tls = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise UsageError("moe-cluster serve: --tls-cert and --tls-key go together")
+        tls = TlsConfig(args.tls_cert.read_bytes(), args.tls_key.read_bytes(),
+                        args.tls_client_ca.read_bytes() if args.tls_client_ca else None)
+    elif args.tls_client_ca:
+        raise UsageError("moe-cluster serve: --tls-client-ca needs --tls-cert and --tls-key")
+    token = _read_token(args.auth_token_file) if args.auth_token_file else None
+    limits = ApiLimits(max_prompt_tokens=args.max_prompt_tokens, max_new_tokens_cap=args.max_new_tokens_cap)
+    server = ServerConfig(host=args.host, port=args.port, max_message_bytes=args.max_message_bytes, tls=tls,
+                          auth_token=token, limits=limits, log_content=args.log_content)
+    max_seq_len = args.max_prompt_tokens + args.max_new_tokens_cap
+    return ServeConfig(server=server, scheduler=SchedulerConfig(max_queue=args.max_queue),
+                       engine=EngineConfig(max_batch_tokens=args.max_batch_tokens),
+                       cache=CacheConfig(num_slots=args.max_running, max_seq_len=max_seq_len),
+                       metrics_port=args.metrics_port or None, grace_s=args.grace_period)
+
+
+def _model_info(model: Mixtral, args: argparse.Namespace, cfg: ServeConfig, tokenizer: Tokenizer
+                ) -> router_pb2.ModelInfoResponse:
+    c = model.config
+    return router_pb2.ModelInfoResponse(
+        model_type=c.model_type, vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_layers=c.num_hidden_layers,
+        num_experts=c.num_local_experts, num_experts_per_token=c.num_experts_per_tok,
+        dtype=str(model.dtype).removeprefix("torch."), backend=args.backend,
+        num_hosts=args.hosts if args.backend == "cluster" else 0,
+        replicas=args.replicas if args.backend == "cluster" else 0,
+        max_prompt_tokens=cfg.server.limits.max_prompt_tokens, max_new_tokens=cfg.server.limits.max_new_tokens_cap,
+        max_running=cfg.cache.num_slots, max_queue=cfg.scheduler.max_queue, tokenizer=tokenizer.name)
+
+
+def _demo_dir(size: str, cache: Path) -> Path:
+    """The demo checkpoint of `size`, built once into `cache` and reused."""
+    out = cache / f"mixtral-{size}"
+    if (out / ".complete").is_file():
+        return out
+    print(f"building the {size} demo checkpoint into {out} (once)", file=sys.stderr)
+    run_demo_model(argparse.Namespace(out=out, size=size, seed=0, shard_size=None))
+    (out / ".complete").write_text("ok\n")
+    return out
+
+
+def _load_model(args: argparse.Namespace, model_dir: Path, wrap: ExpertsWrapper | None = None
+                ) -> tuple[Mixtral, ExpertCluster | None]:
     if args.backend == "local":
-        return load_local_model(LocalConfig(args.model, dtype=args.dtype, device=args.device)), None
+        return load_local_model(LocalConfig(model_dir, dtype=args.dtype, device=args.device), wrap), None
     hosts = HostResources(num_cpus=args.cpus_per_host, num_gpus=args.gpus_per_host,
                           strategy=args.placement_strategy, max_restarts=args.max_restarts)
-    cfg = ClusterConfig(args.model, num_hosts=args.hosts, replicas=args.replicas, plan_path=args.plan,
+    cfg = ClusterConfig(model_dir, num_hosts=args.hosts, replicas=args.replicas, plan_path=args.plan,
                         host_memory_bytes=args.host_memory, ray_address=args.ray_address, dtype=args.dtype,
                         device=args.device, hosts=hosts,
                         dispatch=DispatchConfig(restart_wait_s=args.restart_wait))
-    return load_cluster_model(cfg)
+    return load_cluster_model(cfg, wrap)
 
 
 def _prompt_ids(args: argparse.Namespace, tokenizer: Tokenizer) -> list[int]:

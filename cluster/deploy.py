@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from cluster.controller import Controller, HostResources
 from cluster.placement import PlacementError, PlacementPlan
 from experts.backend import InProcessExperts
 from experts.weights import all_experts, load_shard
+from mixtral.block import Experts
 from mixtral.checkpoint import Checkpoint
 from mixtral.config import ModelConfig
 from mixtral.model import Mixtral
@@ -68,14 +70,17 @@ def check_device(device: str) -> None:
         raise ValueError(f"device={device!r} is not supported: use cpu, cuda or cuda:N")
 
 
-def load_local_model(cfg: LocalConfig) -> Mixtral:
+ExpertsWrapper = Callable[[Experts], Experts]  # e.g. CountingExperts, around whatever backend is built
+
+
+def load_local_model(cfg: LocalConfig, wrap: ExpertsWrapper | None = None) -> Mixtral:
     """Load config, router weights and every expert of `cfg.model_dir` into this process."""
     model_config = ModelConfig.from_json(cfg.model_dir / "config.json")
     checkpoint = Checkpoint(cfg.model_dir, model_config)
     dtype, device = cfg.resolved_dtype, cfg.resolved_device
     shard = load_shard(checkpoint, all_experts(checkpoint), dtype, device)
-    experts = InProcessExperts(shard, model_config.num_local_experts)
-    return Mixtral.load(checkpoint, dtype, device, experts)
+    experts: Experts = InProcessExperts(shard, model_config.num_local_experts)
+    return Mixtral.load(checkpoint, dtype, device, wrap(experts) if wrap else experts)
 
 
 def build_engine(model: Mixtral, cache: CacheConfig, engine: EngineConfig) -> Engine:
@@ -176,6 +181,14 @@ class ExpertCluster:
     def hosts_info(self) -> list[dict[str, Any]]:
         return list(ray.get(self.controller.hosts_info.remote(), timeout=60))
 
+    def is_serving(self) -> bool:
+        """True while every expert of the plan has a live host (the controller's view)."""
+        try:
+            return bool(ray.get(self.controller.is_serving.remote(), timeout=10))
+        except Exception:  # the controller itself is unreachable: not serving
+            log.warning("the controller did not answer a health check")
+            return False
+
     def close(self) -> None:
         """Stop the hosts and the controller; shut Ray down if this cluster started it."""
         backend = getattr(self, "backend", None)
@@ -211,13 +224,15 @@ def connect_ray(address: str | None, namespace: str) -> bool:
     return False
 
 
-def load_cluster_model(cfg: ClusterConfig) -> tuple[Mixtral, ExpertCluster]:
+def load_cluster_model(cfg: ClusterConfig, wrap: ExpertsWrapper | None = None) -> tuple[Mixtral, ExpertCluster]:
     """Start the expert hosts of `cfg` and load the router's weights beside them."""
     model_config = ModelConfig.from_json(cfg.model_dir / "config.json")
     checkpoint = Checkpoint(cfg.model_dir, model_config)
     cluster = ExpertCluster(cfg, model_config)
+    experts: Experts = cluster.backend
     try:
-        model = Mixtral.load(checkpoint, DTYPES[cfg.resolved_dtype], cfg.resolved_device, cluster.backend)
+        model = Mixtral.load(checkpoint, DTYPES[cfg.resolved_dtype], cfg.resolved_device,
+                             wrap(experts) if wrap else experts)
     except Exception:
         cluster.close()
         raise

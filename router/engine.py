@@ -56,7 +56,7 @@ class Completion:
     prompt_token_ids: list[int]
     token_ids: list[int]  # generated tokens only, a stop token included
     logprobs: list[float]  # log-probability of each generated token under the model
-    finish_reason: str  # "stop" (EOS or a stop token), "length", or "error" (the step failed)
+    finish_reason: str  # "stop" (EOS, stop token or string), "length", "cancelled", "deadline" or "error"
 
 
 @dataclass(slots=True)
@@ -85,6 +85,14 @@ class SequenceState:
 
 
 @dataclass(frozen=True, slots=True)
+class StepResult:
+    """What one step did: sequences that got a new token (their last), and those that finished."""
+
+    sampled: list[SequenceState]
+    finished: list[SequenceState]
+
+
+@dataclass(frozen=True, slots=True)
 class StepPlan:
     """The sequences of one step and how many new tokens each feeds."""
 
@@ -104,7 +112,7 @@ class Engine:
     def add(self, request_id: str, prompt: Sequence[int], params: SamplingParams) -> SequenceState:
         """Admit a request into a free cache slot (CacheFullError when none is free)."""
         prompt = list(prompt)
-        self._check(prompt, params)
+        self.check(prompt, params)
         config = self.model.config
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(config.eos_token_ids))
         seq = SequenceState(request_id, prompt, params, self.cache.allocate(), new_generator(params.seed),
@@ -112,7 +120,8 @@ class Engine:
         self.running.append(seq)
         return seq
 
-    def _check(self, prompt: list[int], params: SamplingParams) -> None:
+    def check(self, prompt: list[int], params: SamplingParams) -> None:
+        """Raise RequestError naming what is wrong with a request (before it waits for a slot)."""
         vocab = self.model.config.vocab_size
         if not prompt:
             raise RequestError("the prompt is empty: give at least one token")
@@ -144,8 +153,15 @@ class Engine:
             self.cache.free(seq.slot)
         return aborted
 
-    def step(self) -> list[SequenceState]:
-        """Run one forward pass over the running sequences; returns those that finished in it."""
+    def finish(self, seq: SequenceState, reason: str) -> None:
+        """End a running sequence now (cancelled, deadline, a stop string) and free its cache slot."""
+        if seq in self.running:
+            self.running.remove(seq)
+            self.cache.free(seq.slot)
+        seq.finish_reason = reason
+
+    def step(self) -> StepResult:
+        """Run one forward pass over the running sequences: who got a new token, and who finished."""
         plan = self._plan()
         sampling = [s for s, n in zip(plan.sequences, plan.num_new, strict=True)
                     if s.num_cached + n == len(s.tokens)]
@@ -159,7 +175,7 @@ class Engine:
         for seq in finished:
             self.running.remove(seq)
             self.cache.free(seq.slot)
-        return finished
+        return StepResult(sampling, finished)
 
     def _plan(self) -> StepPlan:
         """Decoding sequences first (one token each), then prompt chunks while the budget lasts."""
