@@ -100,21 +100,20 @@ class GenerationService(router_pb2_grpc.GenerationServicer):
 
     async def Generate(self, request: router_pb2.GenerateRequest, context: Any) -> router_pb2.GenerateResponse:
         whole = router_pb2.GenerateResponse()
-        async for part in self._run(request, context):
-            whole.request_id = part.request_id
-            whole.token_ids.extend(part.token_ids)
-            whole.text += part.text
-            whole.logprobs.extend(part.logprobs)
-            if part.finish_reason:
-                whole.finish_reason = part.finish_reason
-                whole.usage.CopyFrom(part.usage)
-                whole.timings.CopyFrom(part.timings)
+        try:
+            async for part in self.run(request, context.time_remaining()):
+                _merge(whole, part)
+        except RequestRejected as err:
+            await _abort(context, err)
         return whole
 
     async def GenerateStream(self, request: router_pb2.GenerateRequest, context: Any
                              ) -> AsyncIterator[router_pb2.GenerateResponse]:
-        async for part in self._run(request, context):
-            yield part
+        try:
+            async for part in self.run(request, context.time_remaining()):
+                yield part
+        except RequestRejected as err:
+            await _abort(context, err)
 
     async def Tokenize(self, request: router_pb2.TokenizeRequest, context: Any) -> router_pb2.TokenizeResponse:
         try:
@@ -126,19 +125,19 @@ class GenerationService(router_pb2_grpc.GenerationServicer):
     async def ModelInfo(self, request: router_pb2.ModelInfoRequest, context: Any) -> router_pb2.ModelInfoResponse:
         return self.info
 
-    async def _run(self, request: router_pb2.GenerateRequest, context: Any
-                   ) -> AsyncIterator[router_pb2.GenerateResponse]:
+    async def run(self, request: router_pb2.GenerateRequest, time_remaining: float | None
+                  ) -> AsyncIterator[router_pb2.GenerateResponse]:
+        """Validate, schedule and stream one request: each step's new tokens, then a final message with the
+        finish reason, usage and timings. Raises RequestRejected with the status to answer instead.
+        Used by every protocol front end (moe.v1 here, KServe v2 in router.kserve)."""
         arrived = time.monotonic()
         try:
             prepared = self.prepare(request)
-            stream = self._submit(prepared, context, arrived)
+            stream = self._submit(prepared, time_remaining, arrived)
         except RequestRejected as err:
             self.metrics.requests.labels(status=err.code.name).inc()
-            if err.retry_after_s is not None:
-                context.set_trailing_metadata((("retry-after-s", f"{err.retry_after_s:.1f}"),))
-            await context.abort(err.code, err.message)
-            raise  # abort() raises; this line is never reached
-        async for part in self._responses(prepared, stream, context, arrived):
+            raise
+        async for part in self._responses(prepared, stream, arrived):
             yield part
 
     def prepare(self, request: router_pb2.GenerateRequest) -> Prepared:
@@ -191,10 +190,9 @@ class GenerationService(router_pb2_grpc.GenerationServicer):
             raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
         raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, "no prompt: set text, chat or token_ids")
 
-    def _submit(self, prepared: Prepared, context: Any, arrived: float) -> RequestStream:
+    def _submit(self, prepared: Prepared, time_remaining: float | None, arrived: float) -> RequestStream:
         stream = RequestStream(asyncio.get_running_loop())
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else arrived + remaining
+        deadline = None if time_remaining is None else arrived + time_remaining
         scheduled = Request(prepared.request_id, prepared.prompt, prepared.params, stream.sink, deadline, arrived)
         try:
             self.scheduler.submit(scheduled)
@@ -207,7 +205,7 @@ class GenerationService(router_pb2_grpc.GenerationServicer):
             raise RequestRejected(grpc.StatusCode.UNAVAILABLE, str(err)) from None
         return stream
 
-    async def _responses(self, prepared: Prepared, stream: RequestStream, context: Any, arrived: float
+    async def _responses(self, prepared: Prepared, stream: RequestStream, arrived: float
                          ) -> AsyncIterator[router_pb2.GenerateResponse]:
         detok = Detokenizer(self.tokenizer, prepared.stop)
         progress = _Progress(arrived)
@@ -221,7 +219,7 @@ class GenerationService(router_pb2_grpc.GenerationServicer):
                         yield part
                     continue
                 done = True
-                yield await self._on_finish(prepared, detok, event, progress, context)
+                yield self._on_finish(prepared, detok, event, progress)
                 progress.completion = detok.text
         finally:
             if not done:  # the client cancelled or went away: free the slot
@@ -239,15 +237,15 @@ class GenerationService(router_pb2_grpc.GenerationServicer):
         return router_pb2.GenerateResponse(request_id=prepared.request_id, token_ids=[event.token_id], text=delta,
                                            logprobs=[event.logprob] if prepared.logprobs else [])
 
-    async def _on_finish(self, prepared: Prepared, detok: Detokenizer, event: Finished, progress: _Progress,
-                         context: Any) -> router_pb2.GenerateResponse:
+    def _on_finish(self, prepared: Prepared, detok: Detokenizer, event: Finished, progress: _Progress
+                   ) -> router_pb2.GenerateResponse:
         self._log(prepared, event.reason, progress)
         if event.reason == "deadline":
             self.metrics.requests.labels(status="DEADLINE_EXCEEDED").inc()
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed")
+            raise RequestRejected(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed")
         if event.reason == "error":
             self.metrics.requests.labels(status="UNAVAILABLE").inc()
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"generation failed: {event.error}")
+            raise RequestRejected(grpc.StatusCode.UNAVAILABLE, f"generation failed: {event.error}")
         self.metrics.requests.labels(status="OK").inc()
         now = time.monotonic()
         return router_pb2.GenerateResponse(
@@ -263,6 +261,23 @@ class GenerationService(router_pb2_grpc.GenerationServicer):
         log.info("request id=%s prompt_tokens=%d completion_tokens=%d finish=%s ttft_s=%.3f total_s=%.3f%s",
                  prepared.request_id, len(prepared.prompt), progress.tokens, reason, progress.first_token_s,
                  time.monotonic() - progress.arrived, content)
+
+
+def _merge(whole: router_pb2.GenerateResponse, part: router_pb2.GenerateResponse) -> None:
+    whole.request_id = part.request_id
+    whole.token_ids.extend(part.token_ids)
+    whole.text += part.text
+    whole.logprobs.extend(part.logprobs)
+    if part.finish_reason:
+        whole.finish_reason = part.finish_reason
+        whole.usage.CopyFrom(part.usage)
+        whole.timings.CopyFrom(part.timings)
+
+
+async def _abort(context: Any, err: RequestRejected) -> None:
+    if err.retry_after_s is not None:
+        context.set_trailing_metadata((("retry-after-s", f"{err.retry_after_s:.1f}"),))
+    await context.abort(err.code, err.message)
 
 
 class _Progress:
