@@ -42,7 +42,7 @@ from mixtral.checkpoint import CheckpointError
 from mixtral.config import ConfigError, ModelConfig
 from mixtral.model import Mixtral
 from protos import router_pb2
-from router.api import ApiLimits, ServerConfig, TlsConfig
+from router.api import ApiLimits, Guardrail, ServerConfig, TlsConfig
 from router.dispatch import DispatchConfig, ExpertUnavailableError
 from router.engine import Completion, EngineConfig, RequestError
 from router.expert_load import CountingExperts
@@ -170,6 +170,10 @@ def _add_serve(commands: argparse._SubParsersAction[Parser]) -> None:
                           help="require 'authorization: Bearer <token>' with the token in this file")
     security.add_argument("--log-content", action="store_true",
                           help="allow prompt and completion text in logs (off: never logged)")
+    security.add_argument("--safe-prompt", action="store_true",
+                          help="prepend the guardrail system prompt to every chat unless a request says otherwise")
+    security.add_argument("--guardrail-prompt-file", type=Path, default=None,
+                          help="the guardrail system prompt (default: Mistral's safe_prompt text)")
     limits = p.add_argument_group("limits")
     limits.add_argument("--max-queue", type=_positive_int, default=64,
                         help="waiting requests before RESOURCE_EXHAUSTED")
@@ -317,8 +321,11 @@ def _serve_config(args: argparse.Namespace) -> ServeConfig:
         raise UsageError("moe-cluster serve: --tls-client-ca needs --tls-cert and --tls-key")
     token = _read_token(args.auth_token_file) if args.auth_token_file else None
     limits = ApiLimits(max_prompt_tokens=args.max_prompt_tokens, max_new_tokens_cap=args.max_new_tokens_cap)
+    guardrail = Guardrail(default_on=args.safe_prompt)
+    if args.guardrail_prompt_file is not None:
+        guardrail = Guardrail(prompt=args.guardrail_prompt_file.read_text().strip(), default_on=args.safe_prompt)
     server = ServerConfig(host=args.host, port=args.port, max_message_bytes=args.max_message_bytes, tls=tls,
-                          auth_token=token, limits=limits, log_content=args.log_content)
+                          auth_token=token, limits=limits, guardrail=guardrail, log_content=args.log_content)
     max_seq_len = args.max_prompt_tokens + args.max_new_tokens_cap
     return ServeConfig(server=server, scheduler=SchedulerConfig(max_queue=args.max_queue),
                        engine=EngineConfig(max_batch_tokens=args.max_batch_tokens),

@@ -66,6 +66,10 @@ class Guardrail:
                    "and positivity.")
     default_on: bool = False
 
+    def __post_init__(self) -> None:
+        if not self.prompt.strip():
+            raise ValueError("the guardrail prompt is empty: give the system prompt text")
+
 
 @dataclass(frozen=True, slots=True)
 class Prepared:
