@@ -1,0 +1,318 @@
+"""End-to-end serving benchmark: moe-cluster over its real gRPC API beside its peers, in one run.
+
+    .venv/bin/python bench/serve.py --model models/mini [--quick] [--dtype float32 bfloat16]
+        [--concurrency 1 8 32] [--systems limit moe-local moe-cluster transformers vllm llama.cpp]
+
+Workload: C clients at once, each a 128-token prompt (random ids of the real vocabulary) and 128
+new tokens, greedy, EOS ignored. Output tokens/s = C * new tokens / wall time of the whole run
+(prefill included). Rows:
+  limit          only the matmuls an ideal engine must do for the same workload (QKV and output
+                 projections, the gate, each expert on the rows it receives, the LM head on the
+                 last prompt position in prefill and on every row in decode), timed with torch here
+  moe-local      `moe-cluster serve --backend local`, C concurrent streaming gRPC clients
+  moe-cluster    `moe-cluster serve --backend cluster --hosts 2` (local Ray, 2 expert hosts)
+  transformers   HF `generate` on the same checkpoint and prompts, batched
+  vllm, llama.cpp  where installed (see bench/README.md for the steps); otherwise skipped, said so
+Writes bench/results/serve.json, serve.md and serve.png; progress on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Row:
+    system: str
+    dtype: str
+    concurrency: int
+    output_tok_s: float
+    ttft_p50_s: float | None = None
+    ttft_p99_s: float | None = None
+    itl_p50_s: float | None = None
+    itl_p99_s: float | None = None
+    note: str = ""
+
+
+@dataclass
+class Workload:
+    prompts: list[list[int]]
+    new_tokens: int
+    latencies: dict[str, list[float]] = field(default_factory=dict)
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def make_prompts(count: int, length: int, vocab: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(1234)
+    return [[1, *torch.randint(3, vocab, (length - 1,), generator=generator).tolist()] for _ in range(count)]
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# --- the limit: matmuls alone ----------------------------------------------------------------------
+
+
+def limit_row(model_dir: Path, dtype: str, concurrency: int, prompt_len: int, new_tokens: int) -> Row:
+    """Time the matmuls of the workload alone (weights of one layer reused: the shapes are what matter)."""
+    from mixtral.config import ModelConfig
+
+    c = ModelConfig.from_json(model_dir / "config.json")
+    dt = getattr(torch, dtype)
+    d, f, e, k = c.hidden_size, c.intermediate_size, c.num_local_experts, c.num_experts_per_tok
+    w_qkv, w_o = torch.randn(c.q_size + 2 * c.kv_size, d, dtype=dt), torch.randn(d, c.q_size, dtype=dt)
+    w_gate, w13, w2 = torch.randn(e, d, dtype=dt), torch.randn(2 * f, d, dtype=dt), torch.randn(d, f, dtype=dt)
+    lm_head = torch.randn(c.vocab_size, d, dtype=dt)
+
+    def step(rows: int, head_rows: int) -> float:
+        x = torch.randn(rows, d, dtype=dt)
+        per_expert = max(1, rows * k // e)
+        h = torch.randn(per_expert, d, dtype=dt)
+        start = time.perf_counter()
+        for _ in range(c.num_hidden_layers):
+            torch.nn.functional.linear(x, w_qkv)
+            torch.nn.functional.linear(torch.randn(rows, c.q_size, dtype=dt), w_o)
+            torch.nn.functional.linear(x, w_gate)
+            for _ in range(e):
+                gate_up = torch.nn.functional.linear(h, w13)
+                torch.nn.functional.linear(gate_up[:, :f], w2)
+        torch.nn.functional.linear(torch.randn(head_rows, d, dtype=dt), lm_head)
+        return time.perf_counter() - start
+
+    step(concurrency, concurrency)  # warm-up
+    prefill = min(step(concurrency * prompt_len, concurrency) for _ in range(2))
+    decode = statistics.median(step(concurrency, concurrency) for _ in range(5))
+    total = prefill + new_tokens * decode
+    return Row("limit (matmuls alone)", dtype, concurrency, concurrency * new_tokens / total,
+               ttft_p50_s=prefill, itl_p50_s=decode, note="uniform expert load")
+
+
+# --- moe-cluster over gRPC ---------------------------------------------------------------------------
+
+
+def moe_row(system: str, model_dir: Path, dtype: str, work: Workload, extra: list[str]) -> Row:
+    concurrency = len(work.prompts)
+    server = start_server(model_dir, dtype, concurrency, work, extra)
+    try:
+        port = server[1]
+        run_clients(port, work.prompts[:1], 4)  # warm-up: channels, kernels, allocator
+        ttfts, itls, wall = run_clients(port, work.prompts, work.new_tokens)
+    finally:
+        stop_server(server[0])
+    return Row(system, dtype, concurrency, concurrency * work.new_tokens / wall, percentile(ttfts, 0.5),
+               percentile(ttfts, 0.99), percentile(itls, 0.5), percentile(itls, 0.99))
+
+
+def start_server(model_dir: Path, dtype: str, concurrency: int, work: Workload, extra: list[str]
+                 ) -> tuple[subprocess.Popen[str], int]:
+    prompt_len = len(work.prompts[0])
+    argv = [sys.executable, "-m", "cluster.cli", "serve", "--model", str(model_dir), "--dtype", dtype, "--port", "0",
+            "--metrics-port", "0", "--max-running", str(max(concurrency, 1)), "--max-prompt-tokens",
+            str(prompt_len), "--max-new-tokens-cap", str(work.new_tokens), "--max-batch-tokens",
+            str(max(2048, concurrency * prompt_len)), *extra]
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        match = re.search(r"serving .* on [^:]+:(\d+)", line)
+        if match:
+            return proc, int(match.group(1))
+    raise RuntimeError(f"server exited with {proc.wait()} before serving: {' '.join(argv)}")
+
+
+def stop_server(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def run_clients(port: int, prompts: list[list[int]], new_tokens: int) -> tuple[list[float], list[float], float]:
+    """Stream every prompt at once from its own thread: (TTFTs, inter-token gaps, wall seconds)."""
+    import grpc
+
+    from protos import router_pb2, router_pb2_grpc
+
+    ttfts: list[float] = []
+    itls: list[float] = []
+    errors: list[str] = []
+
+    def one(prompt: list[int]) -> None:
+        request = router_pb2.GenerateRequest(token_ids=router_pb2.TokenIds(ids=prompt), max_new_tokens=new_tokens,
+                                             ignore_eos=True, sampling=router_pb2.SamplingParameters(temperature=0))
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            start = last = time.perf_counter()
+            count = 0
+            for part in router_pb2_grpc.GenerationStub(channel).GenerateStream(request, timeout=3600):
+                now = time.perf_counter()
+                for _ in part.token_ids:
+                    (ttfts if count == 0 else itls).append(now - (start if count == 0 else last))
+                    count += 1
+                last = now
+            if count != new_tokens:
+                errors.append(f"got {count} tokens, wanted {new_tokens}")
+
+    threads = [threading.Thread(target=one, args=(p,)) for p in prompts]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(errors[0])
+    return ttfts, itls, time.perf_counter() - start
+
+
+# --- peers -------------------------------------------------------------------------------------------
+
+
+def transformers_row(model_dir: Path, dtype: str, work: Workload) -> Row:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    model.generation_config.eos_token_id = None
+    ids = torch.tensor(work.prompts)
+    kwargs = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    with torch.inference_mode():
+        model.generate(ids[:1, :8], max_new_tokens=2, **kwargs)  # warm-up
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, **kwargs)
+        ttft = time.perf_counter() - start
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=work.new_tokens, min_new_tokens=work.new_tokens, **kwargs)
+        wall = time.perf_counter() - start
+    itl = (wall - ttft) / max(1, work.new_tokens - 1)
+    return Row("transformers generate", dtype, len(work.prompts), len(work.prompts) * work.new_tokens / wall,
+               ttft_p50_s=ttft, itl_p50_s=itl, note="batched; ttft = whole prefill")
+
+
+def vllm_row(model_dir: Path, dtype: str, work: Workload) -> Row:
+    script = REPO / "bench" / "peers" / "vllm_run.py"
+    python = os.environ.get("VLLM_PYTHON")
+    if not python:
+        return Row("vLLM CPU", dtype, len(work.prompts), float("nan"), note="not installed: set VLLM_PYTHON")
+    out = subprocess.run([python, str(script), str(model_dir), dtype, json.dumps(work.prompts), str(work.new_tokens)],
+                         capture_output=True, text=True, check=True, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "4"})
+    wall = float(out.stdout.strip().splitlines()[-1])
+    return Row("vLLM CPU", dtype, len(work.prompts), len(work.prompts) * work.new_tokens / wall, note="offline LLM")
+
+
+def run_all(args: argparse.Namespace) -> list[Row]:
+    from mixtral.config import ModelConfig
+
+    vocab = ModelConfig.from_json(args.model / "config.json").vocab_size
+    rows: list[Row] = []
+    for dtype in args.dtype:
+        for concurrency in args.concurrency:
+            work = Workload(make_prompts(concurrency, args.prompt_len, vocab), args.new_tokens)
+            for system in args.systems:
+                log(f"{system} {dtype} C={concurrency}")
+                row = run_system(system, args, dtype, work)
+                if row is not None:
+                    rows.append(row)
+                    log(f"  {row.output_tok_s:.1f} output tok/s {row.note}")
+    return rows
+
+
+def run_system(system: str, args: argparse.Namespace, dtype: str, work: Workload) -> Row | None:
+    if system == "limit":
+        return limit_row(args.model, dtype, len(work.prompts), args.prompt_len, work.new_tokens)
+    if system == "moe-local":
+        return moe_row("moe-cluster local", args.model, dtype, work, ["--backend", "local"])
+    if system == "moe-cluster":
+        return moe_row("moe-cluster cluster (2 hosts)", args.model, dtype, work,
+                       ["--backend", "cluster", "--hosts", "2", "--cpus-per-host", "1"])
+    if system == "transformers":
+        return transformers_row(args.model, dtype, work)
+    if system == "vllm":
+        return vllm_row(args.model, dtype, work)
+    if system == "llama.cpp":
+        return Row("llama.cpp", dtype, len(work.prompts), float("nan"), note="not run: see bench/README.md")
+    raise ValueError(f"unknown system {system}")
+
+
+def table(rows: list[Row]) -> str:
+    def ms(v: float | None) -> str:
+        return "" if v is None else f"{v * 1e3:.0f}"
+
+    lines = ["| system | dtype | C | output tok/s | TTFT p50 (ms) | TTFT p99 (ms) | ITL p50 (ms) | ITL p99 (ms) "
+             "| note |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r.system} | {r.dtype} | {r.concurrency} | {r.output_tok_s:.1f} | {ms(r.ttft_p50_s)} | "
+                     f"{ms(r.ttft_p99_s)} | {ms(r.itl_p50_s)} | {ms(r.itl_p99_s)} | {r.note} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtypes = sorted({r.dtype for r in rows})
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4), squeeze=False)
+    for ax, dtype in zip(axes[0], dtypes, strict=True):
+        mine = [r for r in rows if r.dtype == dtype and r.output_tok_s == r.output_tok_s]  # drop NaN rows
+        systems = list(dict.fromkeys(r.system for r in mine))
+        levels = sorted({r.concurrency for r in mine})
+        width = 0.8 / max(1, len(systems))
+        for i, system in enumerate(systems):
+            by_c = {r.concurrency: r.output_tok_s for r in mine if r.system == system}
+            xs = [j + (i - (len(systems) - 1) / 2) * width for j in range(len(levels))]
+            ax.bar(xs, [by_c.get(c, 0) for c in levels], width, label=system)
+        ax.set_xticks(range(len(levels)), [f"C={c}" for c in levels])
+        ax.set_ylabel("output tokens/s (higher is better)")
+        ax.set_title(dtype)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--quick", action="store_true", help="C = 1 and 8, 32 new tokens, float32 only")
+    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--systems", nargs="+",
+                        default=["limit", "moe-local", "moe-cluster", "transformers", "vllm", "llama.cpp"])
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serve")
+    args = parser.parse_args()
+    if args.quick:
+        args.concurrency, args.new_tokens, args.dtype = [1, 8], 32, args.dtype[:1]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    rows = run_all(args)
+    text = table(rows)
+    print(text)
+    args.out.with_suffix(".md").write_text(text + "\n")
+    args.out.with_suffix(".json").write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
+    plot(rows, args.out.with_suffix(".png"))
+    log(f"wrote {args.out}.json, .md and .png")
+
+
+if __name__ == "__main__":
+    main()
