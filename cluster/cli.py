@@ -143,6 +143,9 @@ def _add_cluster_flags(p: Parser) -> None:
     group.add_argument("--placement-strategy", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
                        default="PACK", help="how the hosts' placement group spreads over nodes")
     group.add_argument("--max-restarts", type=int, default=3, help="Ray restarts of a failed host (-1: forever)")
+    group.add_argument("--expert-tls", nargs=3, type=Path, default=None, metavar=("CERT", "KEY", "CA"),
+                       help="mutual TLS between router and expert hosts: PEM cert, key and CA, at the same paths "
+                       "on every node (the host certificate needs the DNS name moe-expert-host)")
     group.add_argument("--restart-wait", type=float, default=30.0, metavar="SECONDS",
                        help="how long a layer waits for a restarted host when no replica of an expert answers")
 
@@ -366,6 +369,7 @@ def _load_model(args: argparse.Namespace, model_dir: Path, wrap: ExpertsWrapper 
     cfg = ClusterConfig(model_dir, num_hosts=args.hosts, replicas=args.replicas, plan_path=args.plan,
                         host_memory_bytes=args.host_memory, ray_address=args.ray_address, dtype=args.dtype,
                         device=args.device, hosts=hosts,
+                        dispatch_tls=tuple(args.expert_tls) if args.expert_tls else None,
                         dispatch=DispatchConfig(restart_wait_s=args.restart_wait))
     return load_cluster_model(cfg, wrap)
 

@@ -51,7 +51,7 @@ class Controller:
     """Creates and watches the hosts of one placement plan."""
 
     def __init__(self, plan_json: str, model_dir: str, dtype: str | None, resources: dict[str, Any],
-                 max_message_bytes: int) -> None:
+                 max_message_bytes: int, tls_files: list[str] | None = None) -> None:
         self.plan = PlacementPlan.from_json(plan_json)
         self.resources = HostResources(**resources)
         self.version = 0
@@ -68,7 +68,7 @@ class Controller:
                 num_cpus=self.resources.num_cpus, num_gpus=self.resources.num_gpus,
                 max_restarts=self.resources.max_restarts, max_concurrency=2,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=i),
-            ).remote(host.host_id, model_dir, [list(e) for e in host.entries], dtype, max_message_bytes)
+            ).remote(host.host_id, model_dir, [list(e) for e in host.entries], dtype, max_message_bytes, tls_files)
             for i, host in enumerate(self.plan.hosts)
         }
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from mixtral.block import Experts
 from mixtral.checkpoint import Checkpoint
 from mixtral.config import ModelConfig
 from mixtral.model import Mixtral
+from protos.security import DispatchTls
 from router.dispatch import DispatchConfig, RemoteExperts, RoutingTable
 from router.engine import Engine, EngineConfig
 from router.kv_cache import CacheConfig, KVCache
@@ -107,6 +108,7 @@ class ClusterConfig:
     device: str | None = None  # the router's device
     hosts: HostResources = field(default_factory=HostResources)
     dispatch: DispatchConfig = field(default_factory=DispatchConfig)
+    dispatch_tls: tuple[Path, Path, Path] | None = None  # (cert, key, CA) PEM paths, the same on every node
     name: str = "moe-controller"  # the controller actor's name in the Ray namespace
     namespace: str = "moe-cluster"
 
@@ -150,15 +152,19 @@ class ExpertCluster:
         except Exception:
             self.close()
             raise
-        self.backend = RemoteExperts(self._fetch_table, model_config.num_local_experts, cfg.dispatch)
+        dispatch = cfg.dispatch
+        if cfg.dispatch_tls is not None:
+            dispatch = replace(dispatch, tls=DispatchTls.from_files(*cfg.dispatch_tls))
+        self.backend = RemoteExperts(self._fetch_table, model_config.num_local_experts, dispatch)
 
     def _start_controller(self, plan: PlacementPlan) -> Any:
         """The controller actor (a handle); it starts creating the plan's hosts at once."""
         cfg = self.cfg
         remote_controller = ray.remote(Controller).options(
             name=cfg.name, namespace=cfg.namespace, lifetime="detached", num_cpus=0, max_concurrency=8)
+        tls_files = [str(p) for p in cfg.dispatch_tls] if cfg.dispatch_tls else None
         return remote_controller.remote(plan.to_json(), str(cfg.model_dir), cfg.resolved_dtype, asdict(cfg.hosts),
-                                        cfg.dispatch.max_message_bytes)
+                                        cfg.dispatch.max_message_bytes, tls_files)
 
     def _plan(self, model_config: ModelConfig) -> PlacementPlan:
         cfg = self.cfg

@@ -67,7 +67,12 @@ async def serve(model: Mixtral, counting: CountingExperts, tokenizer: Tokenizer,
     metrics = Metrics()
     generation = GenerationService(scheduler, tokenizer, info, cfg.server.limits, metrics, cfg.server.guardrail,
                                    cfg.server.log_content)
-    public = await build_server(generation, cfg.server)
+    # Imported here, not at the top: protos.kserve_pb2 defines package `inference`, as tritonclient's stubs do, and
+    # protobuf refuses both in one process; importing cluster.serve (e.g. via cluster.cli) should not claim it.
+    from router.kserve import KServeService, add_to_server
+
+    kserve = KServeService(generation, info.model_type, is_healthy)  # KServe model name: "mixtral" or "mistral"
+    public = await build_server(generation, cfg.server, extra=(add_to_server(kserve),))
     http = start_http_server(cfg.metrics_port, registry=metrics.registry) if cfg.metrics_port is not None else None
     served = Served(public, scheduler, metrics, asyncio.Event())
     loop = asyncio.get_running_loop()

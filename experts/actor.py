@@ -19,6 +19,7 @@ from experts.service import ExpertServerConfig, ExpertServiceServicer, ServingTh
 from experts.weights import load_shard
 from mixtral.checkpoint import Checkpoint
 from mixtral.config import ModelConfig
+from protos.security import DispatchTls
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ class ExpertHost:
     """Loads the (layer, expert) entries of one plan host and serves them over gRPC."""
 
     def __init__(self, host_id: str, model_dir: str, entries: list[list[int]], dtype: str | None,
-                 max_message_bytes: int) -> None:
+                 max_message_bytes: int, tls_files: list[str] | None = None) -> None:
         self.host_id = host_id
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         self.device = torch.device("cuda:0" if self.gpu_ids and torch.cuda.is_available() else "cpu")
@@ -40,7 +41,9 @@ class ExpertHost:
         shard = load_shard(Checkpoint(Path(model_dir), config), wanted, torch_dtype, self.device)
         servicer = ExpertServiceServicer(shard, config, host_id, torch_dtype, self.device)
         self.address = ray.util.get_node_ip_address()
-        self.server = ServingThread.start(servicer, ExpertServerConfig(max_message_bytes=max_message_bytes),
+        # TLS files are paths on this node (a mounted Secret): keys never travel through Ray.
+        tls = DispatchTls.from_files(Path(tls_files[0]), Path(tls_files[1]), Path(tls_files[2])) if tls_files else None
+        self.server = ServingThread.start(servicer, ExpertServerConfig(max_message_bytes=max_message_bytes, tls=tls),
                                           address=self.address)
         self.expert_bytes = shard.num_bytes
         log.info("%s serves %d experts on %s:%d (%s)", host_id, len(entries), self.address, self.server.port,

@@ -24,6 +24,7 @@ from experts.weights import ExpertShard
 from mixtral.config import ModelConfig
 from mixtral.expert import ExpertWeights, group_by_expert, moe_combine
 from protos import expert_pb2, expert_pb2_grpc, tensors
+from protos.security import DispatchTls
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class ExpertServerConfig:
     # gRPC's default 4 MiB receive limit is exactly one bf16 batch of 512 x 4096: framing pushes it over.
     max_message_bytes: int = 256 * 2**20  # largest request or response, bytes
     grace_s: float = 5.0  # seconds in-flight calls may finish after stop; match the pod's termination grace
+    tls: DispatchTls | None = None  # None: plaintext (inside a trusted network)
 
     def __post_init__(self) -> None:
         if not 0 < self.max_message_bytes <= _MAX_GRPC_MESSAGE_BYTES:
@@ -189,7 +191,12 @@ async def start_server(servicer: ExpertServiceServicer, cfg: ExpertServerConfig,
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     host = f"[{address}]" if ":" in address else address  # IPv6 literals need brackets
-    bound_port = server.add_insecure_port(f"{host}:{port}")
+    if cfg.tls is None:
+        bound_port = server.add_insecure_port(f"{host}:{port}")
+    else:  # mutual TLS: routers present a certificate signed by the same internal CA
+        credentials = grpc.ssl_server_credentials([(cfg.tls.private_key, cfg.tls.cert_chain)],
+                                                  root_certificates=cfg.tls.ca, require_client_auth=True)
+        bound_port = server.add_secure_port(f"{host}:{port}", credentials)
     await server.start()
     for service in (health.OVERALL_HEALTH, SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)

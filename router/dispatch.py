@@ -24,6 +24,7 @@ import grpc
 import torch
 from torch import Tensor
 
+from protos.security import DispatchTls
 from router.expert_client import ExpertClient
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class DispatchConfig:
     restart_wait_s: float = 30.0  # how long a layer waits for a replacement when no replica answers
     retry_interval_s: float = 0.2  # pause between routing-table refreshes while waiting
     max_message_bytes: int = 256 * 2**20
+    tls: DispatchTls | None = None  # mutual TLS to the hosts; None: plaintext
 
     def __post_init__(self) -> None:
         for name in ("call_timeout_s", "restart_wait_s", "retry_interval_s"):
@@ -179,7 +181,7 @@ class RemoteExperts:
 
     def _client(self, endpoint: str) -> ExpertClient:
         if endpoint not in self.clients:
-            self.clients[endpoint] = ExpertClient(endpoint, self.cfg.max_message_bytes)
+            self.clients[endpoint] = ExpertClient(endpoint, self.cfg.max_message_bytes, self.cfg.tls)
         return self.clients[endpoint]
 
     def _drop_client(self, endpoint: str) -> None:
