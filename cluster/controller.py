@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import PlacementGroup, get_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.placement import PlacementPlan
@@ -50,7 +50,7 @@ class HostResources:
 class Controller:
     """Creates and watches the hosts of one placement plan."""
 
-    def __init__(self, plan_json: str, model_dir: str, dtype: str | None, resources: dict[str, Any],
+    def __init__(self, name: str, plan_json: str, model_dir: str, dtype: str | None, resources: dict[str, Any],
                  max_message_bytes: int, tls_files: list[str] | None = None) -> None:
         self.plan = PlacementPlan.from_json(plan_json)
         self.resources = HostResources(**resources)
@@ -58,19 +58,29 @@ class Controller:
         self.endpoints: dict[str, str] = {}
         self._lock = threading.Lock()
         self._stopped = threading.Event()
-        bundle = {"CPU": self.resources.num_cpus}
-        if self.resources.num_gpus:
-            bundle["GPU"] = self.resources.num_gpus
-        self.group = placement_group([dict(bundle) for _ in self.plan.hosts], strategy=self.resources.strategy)
+        # The placement group and the hosts are named and detached: they outlive this actor, so a
+        # controller that Ray restarts adopts them (get_if_exists) instead of starting new ones.
+        self.group, adopted = _placement_group(f"{name}-hosts", self._bundles(), self.resources.strategy)
         remote_host = ray.remote(ExpertHost)
         self.hosts: dict[str, Any] = {  # host id -> actor handle
             host.host_id: remote_host.options(
+                name=f"{name}-{host.host_id}", lifetime="detached", get_if_exists=True,
                 num_cpus=self.resources.num_cpus, num_gpus=self.resources.num_gpus,
                 max_restarts=self.resources.max_restarts, max_concurrency=2,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=i),
             ).remote(host.host_id, model_dir, [list(e) for e in host.entries], dtype, max_message_bytes, tls_files)
             for i, host in enumerate(self.plan.hosts)
         }
+        if adopted:
+            log.warning("controller restarted: adopting the %d hosts of %s", len(self.hosts), name)
+            self._probe()
+            self._start_watch()
+
+    def _bundles(self) -> list[dict[str, float]]:
+        bundle = {"CPU": self.resources.num_cpus}
+        if self.resources.num_gpus:
+            bundle["GPU"] = self.resources.num_gpus
+        return [dict(bundle) for _ in self.plan.hosts]
 
     def wait_ready(self) -> str:
         """Block until every host serves; returns the routing table. Raises naming hosts that did not start."""
@@ -87,8 +97,11 @@ class Controller:
         with self._lock:
             self.endpoints = {h: ray.get(ref) for h, ref in refs.items()}
             self.version += 1
-        threading.Thread(target=self._watch, name="host-health", daemon=True).start()
+        self._start_watch()
         return self._table_json()
+
+    def _start_watch(self) -> None:
+        threading.Thread(target=self._watch, name="host-health", daemon=True).start()
 
     def is_serving(self) -> bool:
         """True while every (layer, expert) of the plan has at least one live host."""
@@ -153,3 +166,11 @@ class Controller:
 
     def _bundle_text(self) -> str:
         return f"{self.resources.num_cpus} CPU / {self.resources.num_gpus} GPU each"
+
+
+def _placement_group(name: str, bundles: list[dict[str, float]], strategy: str) -> tuple[PlacementGroup, bool]:
+    """The detached placement group `name`: (group, True) if it already existed, else a new one."""
+    try:
+        return get_placement_group(name), True
+    except ValueError:
+        return placement_group(bundles, strategy=strategy, name=name, lifetime="detached"), False

@@ -142,6 +142,7 @@ class ExpertCluster:
     def __init__(self, cfg: ClusterConfig, model_config: ModelConfig) -> None:
         self.cfg = cfg
         plan = self._plan(model_config)
+        self._table: RoutingTable | None = None
         self._started_ray = connect_ray(cfg.ray_address, cfg.namespace)
         self.controller = self._start_controller(plan)
         try:
@@ -160,11 +161,14 @@ class ExpertCluster:
     def _start_controller(self, plan: PlacementPlan) -> Any:
         """The controller actor (a handle); it starts creating the plan's hosts at once."""
         cfg = self.cfg
+        # On the head node (whose loss ends the cluster anyway), restarted by Ray if its process dies;
+        # calls made while it restarts are retried rather than failed.
         remote_controller = ray.remote(Controller).options(
-            name=cfg.name, namespace=cfg.namespace, lifetime="detached", num_cpus=0, max_concurrency=8)
+            name=cfg.name, namespace=cfg.namespace, lifetime="detached", num_cpus=0, max_concurrency=8,
+            max_restarts=-1, max_task_retries=-1, resources={"node:__internal_head__": 0.001})
         tls_files = [str(p) for p in cfg.dispatch_tls] if cfg.dispatch_tls else None
-        return remote_controller.remote(plan.to_json(), str(cfg.model_dir), cfg.resolved_dtype, asdict(cfg.hosts),
-                                        cfg.dispatch.max_message_bytes, tls_files)
+        return remote_controller.remote(cfg.name, plan.to_json(), str(cfg.model_dir), cfg.resolved_dtype,
+                                        asdict(cfg.hosts), cfg.dispatch.max_message_bytes, tls_files)
 
     def _plan(self, model_config: ModelConfig) -> PlacementPlan:
         cfg = self.cfg
@@ -181,8 +185,19 @@ class ExpertCluster:
         return plan
 
     def _fetch_table(self, refresh: bool) -> RoutingTable:
-        text: str = ray.get(self.controller.routing_table.remote(refresh), timeout=60)
-        return RoutingTable.from_json(text)
+        try:
+            reply = self.controller.routing_table.remote(refresh)
+            text: str = ray.get(reply, timeout=self.cfg.dispatch.call_timeout_s)
+        except (ray.exceptions.RayError, TimeoutError) as err:
+            if self._table is None:
+                raise
+            # The controller is restarting (or unreachable): keep routing with what we know; dispatch
+            # retries within its budget and names the expert if no host answers.
+            log.warning("routing table refresh failed (%s); keeping version %d", type(err).__name__,
+                        self._table.version)
+            return self._table
+        self._table = RoutingTable.from_json(text)
+        return self._table
 
     def hosts_info(self) -> list[dict[str, Any]]:
         return list(ray.get(self.controller.hosts_info.remote(), timeout=60))

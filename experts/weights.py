@@ -41,7 +41,7 @@ def load_shard(checkpoint: Checkpoint, entries: Iterable[tuple[int, int]], dtype
     experts: dict[tuple[int, int], ExpertWeights] = {}
     for layer, expert in entries:
         names = expert_tensor_names(checkpoint.config, layer, expert)
-        t = checkpoint.load(names.values(), dtype, device)
+        t = checkpoint.load(names.values(), dtype, device, copy=False)  # from_checkpoint makes the one copy
         experts[(layer, expert)] = ExpertWeights.from_checkpoint(
             t[names["w1"]], t[names["w2"]], t[names["w3"]])
     shard = ExpertShard(experts)

@@ -102,24 +102,30 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.file_of
 
-    def load(self, names: Iterable[str], dtype: torch.dtype, device: str | torch.device = "cpu"
+    def load(self, names: Iterable[str], dtype: torch.dtype, device: str | torch.device = "cpu", copy: bool = True
              ) -> dict[str, torch.Tensor]:
-        """Read the named tensors (memory-mapped), check their shapes, convert to `dtype`."""
+        """Read the named tensors (memory-mapped), check their shapes, convert to `dtype`.
+
+        With copy=False a tensor already in `dtype` on the CPU may be a view of the mapped file: for
+        callers that build their own copy at once (and so avoid copying twice).
+        """
         wanted = list(names)
         for name in wanted:
             if name not in self.file_of:
                 raise CheckpointError(f"{self.model_dir}: tensor {name} is missing from the checkpoint")
         tensors: dict[str, torch.Tensor] = {}
         for file, group in _group_by_file(wanted, self.file_of):
-            tensors.update(self._read(file, group, dtype, device))
+            tensors.update(self._read(file, group, dtype, device, copy))
         return tensors
 
-    def _read(self, file: str, names: list[str], dtype: torch.dtype, device: str | torch.device
+    def _read(self, file: str, names: list[str], dtype: torch.dtype, device: str | torch.device, copy: bool
               ) -> Iterator[tuple[str, torch.Tensor]]:
         path = self.model_dir / file
         for name, tensor in _read_file(path, names):
             self._check_shape(path, name, tensor)
-            yield name, tensor.to(device=device, dtype=dtype)
+            # copy=True: never keep a view of the memory-mapped file (it would pin file pages in memory
+            # beside the copy, and break if the file is rewritten while we serve).
+            yield name, tensor.to(device=device, dtype=dtype, copy=copy)
 
     def _check_shape(self, path: Path, name: str, tensor: torch.Tensor) -> None:
         want = self._shapes.get(name)

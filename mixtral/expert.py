@@ -24,7 +24,8 @@ class ExpertWeights:
 
     @classmethod
     def from_checkpoint(cls, w1: Tensor, w2: Tensor, w3: Tensor) -> ExpertWeights:
-        return cls(w13=torch.cat((w1, w3), dim=0).contiguous(), w2=w2.contiguous())
+        """Own copies of the weights (the inputs may be views of a memory-mapped checkpoint)."""
+        return cls(w13=torch.cat((w1, w3), dim=0), w2=w2.clone(memory_format=torch.contiguous_format))
 
     @property
     def num_bytes(self) -> int:

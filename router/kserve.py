@@ -85,10 +85,11 @@ _NUMERIC: dict[str, tuple[str, str]] = {
     "FP64": ("d", "fp64_contents"),
 }
 _UINT32_MAX, _UINT64_MAX = 2**32 - 1, 2**64 - 1
+_FLOAT32_MAX = 3.4028234663852886e38
 
 
-class BadTensor(RequestRejected):
-    """A request the KServe layer refuses before it reaches the pipeline (always INVALID_ARGUMENT)."""
+class MalformedRequest(RequestRejected):
+    """A tensor, parameter or field the KServe layer refuses before the pipeline sees it: INVALID_ARGUMENT."""
 
     def __init__(self, message: str) -> None:
         super().__init__(grpc.StatusCode.INVALID_ARGUMENT, message)
@@ -144,10 +145,10 @@ class KServeService(kserve_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: kserve_pb2.ModelInferRequest, context: Any) -> kserve_pb2.ModelInferResponse:
         try:
             call = self.decode(request)
-            text, final = await self._whole(call, _time_remaining(context, call))
+            text, last = await self._whole(call, _time_remaining(context, call))
         except RequestRejected as err:
             await _abort(context, err)
-        return self._response(request.id, text, final=None, last=final)
+        return self._response(request.id, text, final=None, last=last)
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[kserve_pb2.ModelInferRequest], context: Any
                                ) -> AsyncIterator[kserve_pb2.ModelStreamInferResponse]:
@@ -163,19 +164,20 @@ class KServeService(kserve_pb2_grpc.GRPCInferenceServiceServicer):
             reader.cancel()
 
     def decode(self, request: kserve_pb2.ModelInferRequest) -> KServeCall:
-        """A ModelInferRequest -> the moe.v1 request and answer options; BadTensor (or NOT_FOUND) says what
+        """A ModelInferRequest -> the moe.v1 request and answer options; MalformedRequest (or NOT_FOUND) says what
         is wrong."""
         self._check_model(request.model_name, request.model_version)
         for output in request.outputs:
             if output.name != TEXT_OUTPUT:
-                raise BadTensor(f"requested output {output.name!r} does not exist: the only output is {TEXT_OUTPUT!r}")
+                raise MalformedRequest(f"requested output {output.name!r} does not exist: the only output is "
+                                       f"{TEXT_OUTPUT!r}")
         values = _input_values(request)
         if "text_input" not in values:
-            raise BadTensor("input 'text_input' (BYTES, shape [1]) is missing: it holds the prompt")
+            raise MalformedRequest("input 'text_input' (BYTES, shape [1]) is missing: it holds the prompt")
         try:
             prompt = _one(values, "text_input").decode("utf-8")
         except UnicodeDecodeError as err:
-            raise BadTensor(f"input 'text_input' is not UTF-8 text: {err}") from None
+            raise MalformedRequest(f"input 'text_input' is not UTF-8 text: {err}") from None
         sampling = _parameter_sampling(request.parameters)
         if "sampling_parameters" in values:
             sampling.update(_json_sampling(_one(values, "sampling_parameters")))
@@ -204,11 +206,11 @@ class KServeService(kserve_pb2_grpc.GRPCInferenceServiceServicer):
                      ) -> tuple[str, router_pb2.GenerateResponse]:
         """Run a request to the end -> its whole output text and the pipeline's final message."""
         texts = [] if call.is_input_excluded else [call.prompt_text]
-        final = router_pb2.GenerateResponse()
+        last = router_pb2.GenerateResponse()
         async for part in self.generation.run(call.generate, time_remaining):
             texts.append(part.text)
-            final = part
-        return "".join(texts), final
+            last = part
+        return "".join(texts), last
 
     async def _read_stream(self, requests: AsyncIterator[kserve_pb2.ModelInferRequest], context: Any,
                            responses: asyncio.Queue[kserve_pb2.ModelStreamInferResponse | None]) -> None:
@@ -231,8 +233,8 @@ class KServeService(kserve_pb2_grpc.GRPCInferenceServiceServicer):
             call = self.decode(request)
             time_remaining = _time_remaining(context, call)
             if not call.is_stream:
-                text, final = await self._whole(call, time_remaining)
-                responses.put_nowait(self._streamed(request.id, text, final=True, last=final))
+                text, last = await self._whole(call, time_remaining)
+                responses.put_nowait(self._streamed(request.id, text, final=True, last=last))
                 return
             if not call.is_input_excluded:
                 responses.put_nowait(self._streamed(request.id, call.prompt_text, final=False))
@@ -290,16 +292,17 @@ def encode_bytes_elements(elements: list[bytes]) -> bytes:
 
 
 def decode_bytes_elements(raw: bytes, name: str) -> list[bytes]:
-    """KServe raw BYTES contents -> the elements; BadTensor if a length runs past the end."""
+    """KServe raw BYTES contents -> the elements; MalformedRequest if a length runs past the end."""
     elements, offset = [], 0
     while offset < len(raw):
         if offset + 4 > len(raw):
-            raise BadTensor(f"input {name!r}: raw BYTES contents end inside a 4-byte length prefix at byte {offset}")
+            raise MalformedRequest(f"input {name!r}: raw BYTES contents end inside a 4-byte length prefix at "
+                                   f"byte {offset}")
         (size,) = struct.unpack_from("<I", raw, offset)
         offset += 4
         if offset + size > len(raw):
-            raise BadTensor(f"input {name!r}: a BYTES element of {size} bytes at byte {offset} runs past the "
-                            f"{len(raw)} bytes given")
+            raise MalformedRequest(f"input {name!r}: a BYTES element of {size} bytes at byte {offset} runs past the "
+                                   f"{len(raw)} bytes given")
         elements.append(raw[offset:offset + size])
         offset += size
     return elements
@@ -309,24 +312,24 @@ def _input_values(request: kserve_pb2.ModelInferRequest) -> dict[str, list[Any]]
     """name -> the elements of each input, checked against INPUT_DATATYPES and the one-element shape."""
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
-        raise BadTensor(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs: give one per "
-                        "input, in order, or none")
+        raise MalformedRequest(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs: give "
+                               "one per input, in order, or none")
     values: dict[str, list[Any]] = {}
     for index, tensor in enumerate(request.inputs):
         name = tensor.name
         if name not in INPUT_DATATYPES:
-            raise BadTensor(f"unknown input {name!r}: the inputs are {', '.join(INPUT_DATATYPES)}")
+            raise MalformedRequest(f"unknown input {name!r}: the inputs are {', '.join(INPUT_DATATYPES)}")
         if name in values:
-            raise BadTensor(f"input {name!r} is given twice")
+            raise MalformedRequest(f"input {name!r} is given twice")
         allowed = INPUT_DATATYPES[name]
         if tensor.datatype not in allowed:
-            raise BadTensor(f"input {name!r} has datatype {tensor.datatype!r}; expected {' or '.join(allowed)}")
+            raise MalformedRequest(f"input {name!r} has datatype {tensor.datatype!r}; expected {' or '.join(allowed)}")
         shape = list(tensor.shape)
         if shape not in ([1], [1, 1]):
-            raise BadTensor(f"input {name!r} has shape {shape}; expected [1] or [1, 1] (one element)")
+            raise MalformedRequest(f"input {name!r} has shape {shape}; expected [1] or [1, 1] (one element)")
         elements = _elements(tensor, raw[index] if raw else None)
         if len(elements) != 1:
-            raise BadTensor(f"input {name!r} has shape {shape} but {len(elements)} elements of data")
+            raise MalformedRequest(f"input {name!r} has shape {shape} but {len(elements)} elements of data")
         values[name] = elements
     return values
 
@@ -339,8 +342,8 @@ def _elements(tensor: kserve_pb2.ModelInferRequest.InferInputTensor, raw: bytes 
         return list(getattr(tensor.contents, contents_field))
     size = struct.calcsize(code)
     if len(raw) % size:
-        raise BadTensor(f"input {tensor.name!r}: {len(raw)} raw bytes is not a whole number of {tensor.datatype} "
-                        f"elements ({size} bytes each)")
+        raise MalformedRequest(f"input {tensor.name!r}: {len(raw)} raw bytes is not a whole number of "
+                               f"{tensor.datatype} elements ({size} bytes each)")
     return list(struct.unpack(f"<{len(raw) // size}{code}", raw))
 
 
@@ -360,8 +363,8 @@ def _parameter_sampling(parameters: Any) -> dict[str, Any]:
         if name in RESERVED_PARAMETERS or name.startswith("triton_"):
             continue
         if name not in SAMPLING_FIELDS:
-            raise BadTensor(f"unknown request parameter {name!r}: the sampling parameters are "
-                            f"{', '.join(SAMPLING_FIELDS)}")
+            raise MalformedRequest(f"unknown request parameter {name!r}: the sampling parameters are "
+                                   f"{', '.join(SAMPLING_FIELDS)}")
         sampling[name] = _parameter_value(parameter)
     return sampling
 
@@ -369,14 +372,14 @@ def _parameter_sampling(parameters: Any) -> dict[str, Any]:
 def _json_sampling(raw: bytes) -> dict[str, Any]:
     try:
         parsed = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BadTensor(f"input 'sampling_parameters' is not valid JSON: {err}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise MalformedRequest(f"input 'sampling_parameters' is not valid JSON: {err}") from None
     if not isinstance(parsed, dict):
-        raise BadTensor(f"input 'sampling_parameters' must be a JSON object, not {type(parsed).__name__}")
+        raise MalformedRequest(f"input 'sampling_parameters' must be a JSON object, not {type(parsed).__name__}")
     unknown = sorted(set(parsed) - set(SAMPLING_FIELDS))
     if unknown:
-        raise BadTensor(f"sampling_parameters has unsupported fields {unknown}: the supported ones are "
-                        f"{', '.join(SAMPLING_FIELDS)}")
+        raise MalformedRequest(f"sampling_parameters has unsupported fields {unknown}: the supported ones are "
+                               f"{', '.join(SAMPLING_FIELDS)}")
     return parsed
 
 
@@ -385,7 +388,7 @@ def _timeout_s(parameters: Any) -> float | None:
         return None
     value = _parameter_value(parameters["timeout"])
     if isinstance(value, bool) or not isinstance(value, int):
-        raise BadTensor(f"request parameter 'timeout' must be an integer (microseconds), not {value!r}")
+        raise MalformedRequest(f"request parameter 'timeout' must be an integer (microseconds), not {value!r}")
     return value / 1e6 if value > 0 else None  # 0: none, as Triton
 
 
@@ -427,13 +430,13 @@ def _integer(name: str, value: Any, low: int, high: int) -> int:
         try:
             value = int(value.strip())
         except ValueError:
-            raise BadTensor(f"{name}={value!r} is not an integer") from None
+            raise MalformedRequest(f"{name}={value!r} is not an integer") from None
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise BadTensor(f"{name}={value!r} is not an integer")
+        raise MalformedRequest(f"{name}={value!r} is not an integer")
     if not low <= value <= high:
-        raise BadTensor(f"{name}={value} is out of range: it must be in [{low}, {high}]")
+        raise MalformedRequest(f"{name}={value} is out of range: it must be in [{low}, {high}]")
     return value
 
 
@@ -442,11 +445,12 @@ def _real(name: str, value: Any) -> float:
         try:
             value = float(value.strip())
         except ValueError:
-            raise BadTensor(f"{name}={value!r} is not a number") from None
+            raise MalformedRequest(f"{name}={value!r} is not a number") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BadTensor(f"{name}={value!r} is not a number")
-    if not math.isfinite(value):
-        raise BadTensor(f"{name}={value} is not a finite number")
+        raise MalformedRequest(f"{name}={value!r} is not a number")
+    # The moe.v1 fields are float32: a larger magnitude would silently become infinity there.
+    if (isinstance(value, float) and not math.isfinite(value)) or abs(value) > _FLOAT32_MAX:
+        raise MalformedRequest(f"{name}={value} is not a finite float32 number")
     return float(value)
 
 
@@ -454,7 +458,7 @@ def _boolean(name: str, value: Any) -> bool:
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
     if not isinstance(value, bool):
-        raise BadTensor(f"{name}={value!r} is not a boolean (true or false)")
+        raise MalformedRequest(f"{name}={value!r} is not a boolean (true or false)")
     return value
 
 
@@ -462,7 +466,11 @@ def _strings(name: str, value: Any) -> Iterator[str]:
     items = value if isinstance(value, list) else [value]
     for item in items:
         if not isinstance(item, str):
-            raise BadTensor(f"{name}: {item!r} is not a string; give a string or a list of strings")
+            raise MalformedRequest(f"{name}: {item!r} is not a string; give a string or a list of strings")
+        try:
+            item.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate, which JSON's \u escapes allow
+            raise MalformedRequest(f"{name}: {item!r} is not valid Unicode text") from None
         yield item
 
 

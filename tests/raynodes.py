@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 RAY = str(Path(sys.executable).parent / "ray")
 
 
@@ -79,11 +81,24 @@ class RayNodes:
 
     @staticmethod
     def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+        """SIGKILL the node's session: its process group, and the workers Ray put in groups of their own."""
+        members = [p for p in psutil.process_iter() if _session_of(p) == proc.pid]
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+        for member in members:
+            with contextlib.suppress(psutil.Error):
+                member.kill()
         proc.wait()
+
 
     def stop_all(self) -> None:
         for name in [n for n in self.processes if n != "head"] + ["head"]:
             if name in self.processes:
                 self.stop(name)
+
+
+def _session_of(process: psutil.Process) -> int | None:
+    try:
+        return os.getsid(process.pid)
+    except (ProcessLookupError, PermissionError):
+        return None
