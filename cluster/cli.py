@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
@@ -296,7 +297,7 @@ def run_serve(args: argparse.Namespace) -> int:
         counting.append(CountingExperts(experts, model_config.num_hidden_layers, model_config.num_local_experts))
         return counting[0]
 
-    cfg = _serve_config(args)
+    cfg = replace(_serve_config(args), model_name=model_dir.name)
     model, cluster = _load_model(args, model_dir, wrap)
     try:
         info = _model_info(model, args, cfg, tokenizer)

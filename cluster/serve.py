@@ -42,6 +42,7 @@ class ServeConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     metrics_port: int | None = 9090  # None: no metrics endpoint
     grace_s: float = 30.0
+    model_name: str = "mixtral"  # the model's name in KServe v2 requests (the model directory's name)
 
     def __post_init__(self) -> None:
         if self.grace_s < 0:
@@ -71,7 +72,7 @@ async def serve(model: Mixtral, counting: CountingExperts, tokenizer: Tokenizer,
     # protobuf refuses both in one process; importing cluster.serve (e.g. via cluster.cli) should not claim it.
     from router.kserve import KServeService, add_to_server
 
-    kserve = KServeService(generation, info.model_type, is_healthy)  # KServe model name: "mixtral" or "mistral"
+    kserve = KServeService(generation, cfg.model_name, lambda: is_healthy() and not scheduler.is_draining)
     public = await build_server(generation, cfg.server, extra=(add_to_server(kserve),))
     http = start_http_server(cfg.metrics_port, registry=metrics.registry) if cfg.metrics_port is not None else None
     served = Served(public, scheduler, metrics, asyncio.Event())

@@ -75,7 +75,8 @@ class Guardrail:
 class Prepared:
     """A validated request: prompt ids, sampling, stop strings, whether to return logprobs."""
 
-    request_id: str
+    request_id: str  # the client's id (or one we made), echoed back
+    key: str  # unique among running requests, whatever ids clients send
     prompt: list[int]
     params: SamplingParams
     stop: tuple[str, ...]
@@ -163,8 +164,8 @@ class GenerationService(router_pb2_grpc.GenerationServicer):
                 stop_token_ids=tuple(request.stop_token_ids), ignore_eos=request.ignore_eos)
         except ValueError as err:
             raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
-        request_id = request.request_id or uuid.uuid4().hex
-        return Prepared(request_id, prompt, params, tuple(request.stop), request.return_logprobs)
+        key = uuid.uuid4().hex
+        return Prepared(request.request_id or key, key, prompt, params, tuple(request.stop), request.return_logprobs)
 
     def _prompt(self, request: router_pb2.GenerateRequest) -> list[int]:
         safe = request.safe_prompt if request.HasField("safe_prompt") else self.guardrail.default_on
@@ -197,7 +198,7 @@ class GenerationService(router_pb2_grpc.GenerationServicer):
     def _submit(self, prepared: Prepared, time_remaining: float | None, arrived: float) -> RequestStream:
         stream = RequestStream(asyncio.get_running_loop())
         deadline = None if time_remaining is None else arrived + time_remaining
-        scheduled = Request(prepared.request_id, prepared.prompt, prepared.params, stream.sink, deadline, arrived)
+        scheduled = Request(prepared.key, prepared.prompt, prepared.params, stream.sink, deadline, arrived)
         try:
             self.scheduler.submit(scheduled)
         except RequestError as err:
@@ -227,7 +228,7 @@ class GenerationService(router_pb2_grpc.GenerationServicer):
                 progress.completion = detok.text
         finally:
             if not done:  # the client cancelled or went away: free the slot
-                self.scheduler.finish(prepared.request_id, "cancelled")
+                self.scheduler.finish(prepared.key, "cancelled")
                 self._log(prepared, "cancelled", progress)
 
     def _on_token(self, prepared: Prepared, detok: Detokenizer, event: Token, progress: _Progress
@@ -237,7 +238,7 @@ class GenerationService(router_pb2_grpc.GenerationServicer):
         progress.token(self.metrics)
         delta = detok.add(event.token_id)
         if detok.stopped:
-            self.scheduler.finish(prepared.request_id, "stop")
+            self.scheduler.finish(prepared.key, "stop")
         return router_pb2.GenerateResponse(request_id=prepared.request_id, token_ids=[event.token_id], text=delta,
                                            logprobs=[event.logprob] if prepared.logprobs else [])
 

@@ -98,6 +98,11 @@ class Scheduler:
         self._thread.start()
 
     @property
+    def is_draining(self) -> bool:
+        """True once `stop` was called: new requests are refused."""
+        return self._stopping
+
+    @property
     def num_waiting(self) -> int:
         return len(self.waiting)
 

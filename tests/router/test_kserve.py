@@ -69,9 +69,9 @@ def expected(generation: router_pb2_grpc.GenerationStub) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def seen(server: int, generation: router_pb2_grpc.GenerationStub) -> dict[str, Any]:
+def seen(server: int, tiny_checkpoint: Path) -> dict[str, Any]:
     """What the Triton client saw in every scenario of `client_session`."""
-    model = generation.ModelInfo(router_pb2.ModelInfoRequest(), timeout=DEADLINE_S).model_type
+    model = tiny_checkpoint.name  # the KServe model name is the model directory's name
     config = {"url": f"127.0.0.1:{server}", "model": model}
     done = subprocess.run([sys.executable, "-m", "tests.router.test_kserve"], cwd=REPO, env=ENV,
                           input=json.dumps(config), capture_output=True, text=True, timeout=120)
@@ -80,13 +80,13 @@ def seen(server: int, generation: router_pb2_grpc.GenerationStub) -> dict[str, A
     return result
 
 
-def test_server_and_model_report_live_ready_and_metadata(seen: dict[str, Any]) -> None:
+def test_server_and_model_report_live_ready_and_metadata(seen: dict[str, Any], tiny_checkpoint: Path) -> None:
     health = seen["health"]
 
     assert (health["live"], health["ready"], health["model_ready"]) == (True, True, True)
     assert health["other_model_ready"] is False
     metadata = health["metadata"]
-    assert metadata["name"] == "mixtral"
+    assert metadata["name"] == tiny_checkpoint.name
     inputs = {t["name"]: (t["datatype"], t["shape"]) for t in metadata["inputs"]}
     assert inputs["text_input"] == ("BYTES", ["1"])
     assert {"stream", "sampling_parameters", "exclude_input_in_output", "max_tokens", "temperature", "top_p",
