@@ -47,7 +47,7 @@ from router.api import ApiLimits, Guardrail, ServerConfig, TlsConfig
 from router.dispatch import DispatchConfig, ExpertUnavailableError
 from router.engine import Completion, EngineConfig, RequestError
 from router.expert_load import CountingExperts
-from router.kv_cache import CacheConfig
+from router.kv_cache import CacheConfig, slots_within
 from router.sampler import SamplingParams
 from router.scheduler import SchedulerConfig
 from router.tokenizer import ChatMessage, Tokenizer, TokenizerError, load_tokenizer
@@ -185,6 +185,9 @@ def _add_serve(commands: argparse._SubParsersAction[Parser]) -> None:
     limits.add_argument("--max-prompt-tokens", type=_positive_int, default=4096, help="longer prompts: OUT_OF_RANGE")
     limits.add_argument("--max-new-tokens-cap", type=_positive_int, default=2048,
                         help="cap on a request's max_new_tokens")
+    limits.add_argument("--kv-cache-memory", type=_positive_int, default=None, metavar="BYTES",
+                        help="KV-cache budget: at most this many bytes of slots (each reserved for a whole "
+                        "sequence of max-prompt-tokens + max-new-tokens-cap); lowers --max-running to fit")
     limits.add_argument("--max-batch-tokens", type=_positive_int, default=2048, help="new tokens per engine step")
     limits.add_argument("--max-message-bytes", type=_positive_int, default=16 * 2**20, help="gRPC message size limit")
     limits.add_argument("--grace-period", type=float, default=30.0, metavar="SECONDS",
@@ -300,6 +303,9 @@ def run_serve(args: argparse.Namespace) -> int:
     cfg = replace(_serve_config(args), model_name=model_dir.name)
     model, cluster = _load_model(args, model_dir, wrap)
     try:
+        if args.kv_cache_memory is not None:
+            slots = slots_within(model.config, cfg.cache.max_seq_len, model.dtype, args.kv_cache_memory)
+            cfg = replace(cfg, cache=replace(cfg.cache, num_slots=min(cfg.cache.num_slots, slots)))
         info = _model_info(model, args, cfg, tokenizer)
         healthy = cluster.is_serving if cluster is not None else (lambda: True)
 

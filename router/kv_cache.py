@@ -41,6 +41,16 @@ def ring_capacity(model: ModelConfig, max_seq_len: int) -> int:
     return min(model.sliding_window, max_seq_len)
 
 
+def slots_within(model: ModelConfig, max_seq_len: int, dtype: torch.dtype, budget_bytes: int) -> int:
+    """How many sequences of `max_seq_len` positions a KV-cache budget holds (each slot is reserved whole)."""
+    per_slot = 2 * model.num_hidden_layers * model.kv_size * ring_capacity(model, max_seq_len) * dtype.itemsize
+    slots = budget_bytes // per_slot
+    if slots < 1:
+        raise ValueError(f"a KV-cache budget of {budget_bytes} bytes holds no sequence of {max_seq_len} positions "
+                         f"(one needs {per_slot} bytes): raise the budget or lower the prompt / new-token limits")
+    return int(slots)
+
+
 class KVCache:
     """Per-layer (k, v) ring buffers and the free list of their slots."""
 

@@ -170,3 +170,13 @@ def test_overlapped_microbatches_compute_what_one_batch_does(which: str, model: 
     for a, b in zip(whole, overlapped):
         assert a.token_ids == b.token_ids
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+
+
+def test_a_kv_cache_budget_holds_whole_sequences_only(model: Mixtral) -> None:
+    from router.kv_cache import slots_within
+
+    c = model.config
+    per_slot = 2 * c.num_hidden_layers * c.kv_size * 100 * 4  # float32, 100 positions
+    assert slots_within(c, 100, torch.float32, 3 * per_slot + per_slot // 2) == 3
+    with pytest.raises(ValueError, match="holds no sequence of 100 positions"):
+        slots_within(c, 100, torch.float32, per_slot - 1)
