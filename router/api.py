@@ -225,7 +225,6 @@ class GenerationService(router_pb2_grpc.GenerationServicer):
                     continue
                 done = True
                 yield self._on_finish(prepared, detok, event, progress)
-                progress.completion = detok.text
         finally:
             if not done:  # the client cancelled or went away: free the slot
                 self.scheduler.finish(prepared.key, "cancelled")
@@ -244,7 +243,10 @@ class GenerationService(router_pb2_grpc.GenerationServicer):
 
     def _on_finish(self, prepared: Prepared, detok: Detokenizer, event: Finished, progress: _Progress
                    ) -> router_pb2.GenerateResponse:
-        self._log(prepared, event.reason, progress)
+        tail = detok.flush()
+        progress.completion = detok.text
+        reason = "stop" if detok.stopped and event.reason in ("length", "stop") else event.reason
+        self._log(prepared, reason, progress)
         if event.reason == "deadline":
             self.metrics.requests.labels(status="DEADLINE_EXCEEDED").inc()
             raise RequestRejected(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed")
@@ -254,7 +256,7 @@ class GenerationService(router_pb2_grpc.GenerationServicer):
         self.metrics.requests.labels(status="OK").inc()
         now = time.monotonic()
         return router_pb2.GenerateResponse(
-            request_id=prepared.request_id, text=detok.flush(), finish_reason=FINISH_REASONS[event.reason],
+            request_id=prepared.request_id, text=tail, finish_reason=FINISH_REASONS[reason],
             usage=router_pb2.Usage(prompt_tokens=len(prepared.prompt), completion_tokens=progress.tokens),
             timings=router_pb2.Timings(first_token_s=progress.first_token_s, total_s=now - progress.arrived))
 

@@ -14,13 +14,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+MIN_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """How one request picks its tokens and when it stops."""
 
     max_new_tokens: int = 64
-    temperature: float = 1.0  # 0: greedy
+    temperature: float = 1.0  # 0 (or below MIN_TEMPERATURE): greedy
     top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches top_p
     top_k: int | None = None  # keep the k most likely tokens; None: all
     seed: int | None = None  # None: a fresh random seed
@@ -39,7 +41,8 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        # Below MIN_TEMPERATURE, logits / temperature overflows; the limit of such sampling is greedy.
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1
 
 
 def new_generator(seed: int | None) -> torch.Generator:
@@ -68,19 +71,24 @@ def sample(logits: Tensor, params: Sequence[SamplingParams], generators: Sequenc
 
 def _sample_rows(logits: Tensor, params: Sequence[SamplingParams],
                  generators: Sequence[torch.Generator]) -> Tensor:
-    """Inverse-CDF sampling over each row's truncated, tempered distribution: [R, V] -> [R]."""
+    """Sample each row's truncated, tempered distribution: [R, V] -> [R] token ids.
+
+    The draw is an exponential race: token = argmax(p / q) with q ~ Exp(1) drawn per vocabulary
+    entry from the row's generator, which picks token i with probability p_i. Each token's noise is
+    tied to its id, so logits that differ in the last bits (a sequence batched with others, or
+    alone) pick the same token unless two tokens' races are tied that closely, which inverse-CDF
+    sampling over 32000 near-equal probabilities would not guarantee.
+    """
+    vocab = logits.shape[-1]
     temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype)[:, None]
     sorted_logits, sorted_ids = torch.sort(logits / temperature, dim=-1, descending=True)  # [R, V]
-    rank = torch.arange(logits.shape[-1])[None, :]
-    top_k = torch.tensor([p.top_k or logits.shape[-1] for p in params])[:, None]
-    sorted_logits = sorted_logits.masked_fill(rank >= top_k, float("-inf"))
-    probs = torch.softmax(sorted_logits, dim=-1)
-    top_p = torch.tensor([p.top_p for p in params], dtype=probs.dtype)[:, None]
+    rank = torch.arange(vocab)[None, :]
+    top_k = torch.tensor([p.top_k or vocab for p in params])[:, None]
+    sorted_probs = torch.softmax(sorted_logits.masked_fill(rank >= top_k, float("-inf")), dim=-1)
+    top_p = torch.tensor([p.top_p for p in params], dtype=sorted_probs.dtype)[:, None]
     # Drop a token once the mass before it already reaches top_p; the most likely token always stays.
-    probs = probs.masked_fill(torch.cumsum(probs, dim=-1) - probs >= top_p, 0.0)
-    cdf = torch.cumsum(probs, dim=-1)
-    uniform = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
-    targets = (uniform.to(cdf.dtype) * cdf[:, -1])[:, None]  # [R, 1]
-    index = torch.searchsorted(cdf, targets, right=True).clamp_(max=logits.shape[-1] - 1)
-    index = torch.minimum(index, (probs > 0).sum(dim=-1, keepdim=True) - 1)
-    return sorted_ids.gather(1, index).squeeze(1)
+    sorted_probs = sorted_probs.masked_fill(torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= top_p, 0.0)
+    sorted_probs[:, 0] = sorted_probs[:, 0].nan_to_num(1.0)  # a degenerate row falls back to its best token
+    probs = torch.zeros_like(sorted_probs).scatter_(1, sorted_ids, sorted_probs.nan_to_num(0.0))  # vocab order
+    noise = torch.stack([torch.empty(vocab, dtype=probs.dtype).exponential_(generator=g) for g in generators])
+    return (probs / noise).argmax(dim=-1)
