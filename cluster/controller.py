@@ -67,6 +67,9 @@ class Controller:
                 name=f"{name}-{host.host_id}", lifetime="detached", get_if_exists=True,
                 num_cpus=self.resources.num_cpus, num_gpus=self.resources.num_gpus,
                 max_restarts=self.resources.max_restarts, max_concurrency=2,
+                # Hosts wait on the network between layers: OpenMP threads should sleep, not spin on
+                # cores the router and other hosts share.
+                runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=i),
             ).remote(host.host_id, model_dir, [list(e) for e in host.entries], dtype, max_message_bytes, tls_files)
             for i, host in enumerate(self.plan.hosts)
