@@ -87,14 +87,14 @@ def limit_row(model_dir: Path, dtype: str, concurrency: int, prompt_len: int, ne
 
     def step(rows: int, head_rows: int) -> float:
         x = torch.randn(rows, d, dtype=dt)
-        per_expert = max(1, rows * k // e)
-        h = torch.randn(per_expert, d, dtype=dt)
+        active = min(e, rows * k)  # experts that receive rows: 2 at one row, all 8 from 4 rows on
+        h = torch.randn(-(-rows * k // active), d, dtype=dt)  # rows per active expert, spread evenly
         start = time.perf_counter()
         for _ in range(c.num_hidden_layers):
             torch.nn.functional.linear(x, w_qkv)
             torch.nn.functional.linear(torch.randn(rows, c.q_size, dtype=dt), w_o)
             torch.nn.functional.linear(x, w_gate)
-            for _ in range(e):
+            for _ in range(active):
                 gate_up = torch.nn.functional.linear(h, w13)
                 torch.nn.functional.linear(gate_up[:, :f], w2)
         torch.nn.functional.linear(torch.randn(head_rows, d, dtype=dt), lm_head)
@@ -193,9 +193,10 @@ def transformers_row(model_dir: Path, dtype: str, work: Workload) -> Row:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
     model.generation_config.eos_token_id = None
     ids = torch.tensor(work.prompts)
-    kwargs = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    kwargs = dict(do_sample=False, pad_token_id=0)
     with torch.inference_mode():
         model.generate(ids[:1, :8], max_new_tokens=2, **kwargs)  # warm-up
+        kwargs["attention_mask"] = torch.ones_like(ids)
         start = time.perf_counter()
         model.generate(ids, max_new_tokens=1, **kwargs)
         ttft = time.perf_counter() - start
