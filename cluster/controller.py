@@ -13,7 +13,7 @@ import json
 import logging
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -123,9 +123,6 @@ class Controller:
         """Per host: id, endpoint, node id and IP, GPU ids, device, pid, expert bytes, resident bytes."""
         refs = [handle.info.remote() for handle in self.hosts.values()]
         return [ray.get(ref, timeout=self.resources.probe_timeout_s * 5) for ref in refs]
-
-    def resources_json(self) -> str:
-        return json.dumps(asdict(self.resources))
 
     def shutdown(self, grace_s: float = 1.0) -> None:
         """Stop every host (after `grace_s` for calls in flight) and release the placement group."""
