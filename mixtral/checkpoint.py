@@ -99,6 +99,10 @@ class Checkpoint:
         self.file_of = _locate_tensors(self.model_dir)
         self._shapes = expected_shapes(config)
 
+    def __contains__(self, name: str) -> bool:
+        """Whether the checkpoint holds a tensor of this name."""
+        return name in self.file_of
+
     def load(self, names: Iterable[str], dtype: torch.dtype, device: str | torch.device = "cpu", copy: bool = True
              ) -> dict[str, torch.Tensor]:
         """Read the named tensors (memory-mapped), check their shapes, convert to `dtype`.
