@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 
 from protos import router_pb2, router_pb2_grpc
+from router.api import merge_response
 from router.sampler import SamplingParams
 from router.tokenizer import ChatMessage
 
@@ -70,14 +71,7 @@ def generate(cfg: ClientConfig, request: router_pb2.GenerateRequest, stream: boo
         for part in stub.GenerateStream(request, timeout=cfg.timeout_s, metadata=metadata):
             if on_text is not None and part.text:
                 on_text(part.text)
-            whole.request_id = part.request_id
-            whole.token_ids.extend(part.token_ids)
-            whole.text += part.text
-            whole.logprobs.extend(part.logprobs)
-            if part.finish_reason:
-                whole.finish_reason = part.finish_reason
-                whole.usage.CopyFrom(part.usage)
-                whole.timings.CopyFrom(part.timings)
+            merge_response(whole, part)
         return _result(whole)
 
 

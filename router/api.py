@@ -107,7 +107,7 @@ class GenerationService(router_pb2_grpc.GenerationServicer):
         whole = router_pb2.GenerateResponse()
         try:
             async for part in self.run(request, context.time_remaining()):
-                _merge(whole, part)
+                merge_response(whole, part)
         except RequestRejected as err:
             await _abort(context, err)
         return whole
@@ -270,7 +270,8 @@ class GenerationService(router_pb2_grpc.GenerationServicer):
                  time.monotonic() - progress.arrived, content)
 
 
-def _merge(whole: router_pb2.GenerateResponse, part: router_pb2.GenerateResponse) -> None:
+def merge_response(whole: router_pb2.GenerateResponse, part: router_pb2.GenerateResponse) -> None:
+    """Fold one streamed message into the whole completion."""
     whole.request_id = part.request_id
     whole.token_ids.extend(part.token_ids)
     whole.text += part.text
