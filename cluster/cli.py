@@ -26,7 +26,6 @@ from cluster.client import generate as client_generate
 from cluster.controller import HostResources
 from cluster.demo import SIZES, write_demo_model
 from cluster.deploy import (
-    DTYPES,
     ClusterConfig,
     ClusterStartError,
     ExpertCluster,
@@ -40,7 +39,7 @@ from cluster.placement import PlacementError
 from cluster.serve import ServeConfig, Served, serve
 from mixtral.block import Experts
 from mixtral.checkpoint import CheckpointError
-from mixtral.config import ConfigError, ModelConfig
+from mixtral.config import DTYPES, ConfigError, ModelConfig
 from mixtral.model import Mixtral
 from protos import router_pb2
 from router.api import ApiLimits, Guardrail, ServerConfig, TlsConfig

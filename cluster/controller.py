@@ -50,7 +50,7 @@ class HostResources:
 class Controller:
     """Creates and watches the hosts of one placement plan."""
 
-    def __init__(self, name: str, plan_json: str, model_dir: str, dtype: str | None, resources: dict[str, Any],
+    def __init__(self, name: str, plan_json: str, model_dir: str, dtype: str, resources: dict[str, Any],
                  max_message_bytes: int, tls_files: list[str] | None = None) -> None:
         self.plan = PlacementPlan.from_json(plan_json)
         self.resources = HostResources(**resources)

@@ -18,7 +18,7 @@ from experts.backend import InProcessExperts
 from experts.weights import all_experts, load_shard
 from mixtral.block import Experts
 from mixtral.checkpoint import Checkpoint
-from mixtral.config import ModelConfig
+from mixtral.config import DTYPES, ModelConfig, check_dtype
 from mixtral.model import Mixtral
 from protos.security import DispatchTls
 from router.dispatch import DispatchConfig, RemoteExperts, RoutingTable
@@ -27,7 +27,6 @@ from router.kv_cache import CacheConfig, KVCache
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,8 +40,7 @@ class LocalConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"dtype={self.dtype!r} is not supported: choose one of {sorted(DTYPES)}")
+        check_dtype(self.dtype)
         if self.device is not None:
             check_device(self.device)
 
@@ -113,8 +111,7 @@ class ClusterConfig:
     namespace: str = "moe-cluster"
 
     def __post_init__(self) -> None:
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"dtype={self.dtype!r} is not supported: choose one of {sorted(DTYPES)}")
+        check_dtype(self.dtype)
         if self.device is not None:
             check_device(self.device)
         if self.num_hosts < 1:

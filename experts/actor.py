@@ -18,24 +18,21 @@ import torch
 from experts.service import ExpertServerConfig, ExpertServiceServicer, ServingThread
 from experts.weights import load_shard
 from mixtral.checkpoint import Checkpoint
-from mixtral.config import ModelConfig
+from mixtral.config import DTYPES, ModelConfig
 from protos.security import DispatchTls
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 class ExpertHost:
     """Loads the (layer, expert) entries of one plan host and serves them over gRPC."""
 
-    def __init__(self, host_id: str, model_dir: str, entries: list[list[int]], dtype: str | None,
+    def __init__(self, host_id: str, model_dir: str, entries: list[list[int]], dtype: str,
                  max_message_bytes: int, tls_files: list[str] | None = None) -> None:
         self.host_id = host_id
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         self.device = torch.device("cuda:0" if self.gpu_ids and torch.cuda.is_available() else "cpu")
         torch.set_num_threads(_assigned_cpus())
-        torch_dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        torch_dtype = DTYPES[dtype]  # resolved by the router's config, so hosts and router agree
         config = ModelConfig.from_json(Path(model_dir) / "config.json")
         wanted = [(int(layer), int(expert)) for layer, expert in entries]
         shard = load_shard(Checkpoint(Path(model_dir), config), wanted, torch_dtype, self.device)

@@ -12,7 +12,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
+
 SUPPORTED_MODEL_TYPES = ("mixtral", "mistral")
+# Dtypes the model is served in, by the names of --dtype, config files and the wire.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ConfigError(ValueError):
@@ -116,6 +120,12 @@ class ModelConfig:
             return cls(**values)
         except TypeError as err:
             raise ConfigError(f"malformed config: {err}") from None
+
+
+def check_dtype(name: str | None) -> None:
+    """Raise ValueError naming `name` unless it is a serving dtype (None: the device's default)."""
+    if name is not None and name not in DTYPES:
+        raise ValueError(f"dtype={name!r} is not supported: choose one of {sorted(DTYPES)}")
 
 
 def _require(ok: bool, name: str, value: object, allowed: str) -> None:

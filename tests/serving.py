@@ -32,7 +32,7 @@ from mixtral.block import Experts, PendingExperts
 from mixtral.config import ModelConfig
 from mixtral.model import Mixtral
 from protos import router_pb2, router_pb2_grpc
-from router.api import ServerConfig
+from router.api import ServerConfig, merge_response
 from router.engine import EngineConfig
 from router.expert_load import CountingExperts
 from router.kv_cache import CacheConfig, KVCache
@@ -317,14 +317,7 @@ def merge(parts: Iterable[router_pb2.GenerateResponse]) -> router_pb2.GenerateRe
     """The whole completion from a stream's messages (what Generate answers at once)."""
     whole = router_pb2.GenerateResponse()
     for part in parts:
-        whole.request_id = part.request_id
-        whole.token_ids.extend(part.token_ids)
-        whole.text += part.text
-        whole.logprobs.extend(part.logprobs)
-        if part.finish_reason:
-            whole.finish_reason = part.finish_reason
-            whole.usage.CopyFrom(part.usage)
-            whole.timings.CopyFrom(part.timings)
+        merge_response(whole, part)
     return whole
 
 
