@@ -223,15 +223,20 @@ def _token_ids(text: str) -> tuple[int, ...]:
 
 
 def run_demo_model(args: argparse.Namespace) -> int:
+    _build_demo(args.out, args.size, args.seed, args.shard_size)
+    return 0
+
+
+def _build_demo(out: Path, size: str, seed: int, shard_size: int | None) -> None:
+    """Write a demo checkpoint, showing progress on stderr."""
     def progress(done: int, total: int) -> None:
         if done == total or done % max(1, total // 20) == 0:
-            print(f"\rbuilding {args.size} demo model: {100 * done // total:3d}%", end="", file=sys.stderr)
+            print(f"\rbuilding {size} demo model: {100 * done // total:3d}%", end="", file=sys.stderr)
 
     start = time.perf_counter()
-    config = write_demo_model(args.out, args.size, args.seed, args.shard_size, progress)
-    print(f"\nwrote {args.out} ({config.num_hidden_layers} layers, {config.num_local_experts} experts, "
+    config = write_demo_model(out, size, seed, shard_size, progress)
+    print(f"\nwrote {out} ({config.num_hidden_layers} layers, {config.num_local_experts} experts, "
           f"hidden {config.hidden_size}) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    return 0
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -361,7 +366,7 @@ def _demo_dir(size: str, cache: Path) -> Path:
     if (out / ".complete").is_file():
         return out
     print(f"building the {size} demo checkpoint into {out} (once)", file=sys.stderr)
-    run_demo_model(argparse.Namespace(out=out, size=size, seed=0, shard_size=None))
+    _build_demo(out, size, seed=0, shard_size=None)
     (out / ".complete").write_text("ok\n")
     return out
 
