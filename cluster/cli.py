@@ -36,6 +36,9 @@ from cluster.deploy import (
     load_local_model,
 )
 from cluster.placement import PlacementError
+from cluster.planning_commands import add_planning_commands
+from cluster.scale_command import add_scale_command, run_scale
+from cluster.scaler import ScaleError
 from cluster.serve import ServeConfig, Served, serve
 from mixtral.block import Experts
 from mixtral.checkpoint import CheckpointError
@@ -56,7 +59,7 @@ log = logging.getLogger("moe-cluster")
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 USER_ERRORS = (ConfigError, CheckpointError, TokenizerError, RequestError, PlacementError, ValueError, OSError)
-RUNTIME_ERRORS = (ClusterStartError, ExpertUnavailableError)
+RUNTIME_ERRORS = (ClusterStartError, ExpertUnavailableError, ScaleError)
 
 
 class UsageError(Exception):
@@ -78,6 +81,8 @@ def build_parser() -> Parser:
     _add_demo_model(commands)
     _add_generate(commands)
     _add_serve(commands)
+    add_planning_commands(commands, show=print, note=lambda text: print(text, file=sys.stderr))
+    add_scale_command(commands, run=lambda args: run_scale(args, show=print))
     return parser
 
 
