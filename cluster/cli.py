@@ -37,7 +37,6 @@ from cluster.deploy import (
 )
 from cluster.placement import PlacementError
 from cluster.planning_commands import add_planning_commands
-from cluster.planning_commands import add_planning_commands
 from cluster.scale_command import add_scale_command, run_scale
 from cluster.scaler import ScaleError
 from cluster.serve import ServeConfig, Served, serve
@@ -82,7 +81,6 @@ def build_parser() -> Parser:
     _add_demo_model(commands)
     _add_generate(commands)
     _add_serve(commands)
-    add_planning_commands(commands, show=print, note=lambda text: print(text, file=sys.stderr))
     add_planning_commands(commands, show=print, note=lambda text: print(text, file=sys.stderr))
     add_scale_command(commands, run=lambda args: run_scale(args, show=print))
     return parser
