@@ -9,7 +9,7 @@ from torch import Tensor
 
 from experts.weights import ExpertShard
 from mixtral.block import Done
-from mixtral.expert import ExpertWeights, group_by_expert, moe_combine
+from mixtral.expert import LayerExperts, group_by_expert, moe_combine
 
 
 class InProcessExperts:
@@ -17,9 +17,7 @@ class InProcessExperts:
 
     def __init__(self, shard: ExpertShard, num_experts: int) -> None:
         self.num_experts = num_experts
-        self._layers: dict[int, dict[int, ExpertWeights]] = {}
-        for layer, _ in shard.experts:
-            self._layers.setdefault(layer, shard.layer(layer))
+        self._layers: dict[int, LayerExperts] = dict(shard.layers)
 
     def __call__(self, layer: int, hidden: Tensor, expert_ids: Tensor, weights: Tensor) -> Tensor:
         """Weighted sum of each token's experts: hidden [T, D], expert_ids and weights [T, K] -> [T, D]."""

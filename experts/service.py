@@ -70,7 +70,6 @@ class ExpertServiceServicer(expert_pb2_grpc.ExpertServiceServicer):
         _check_shard(shard, model, dtype)
         self._shard, self._model, self._host_id, self._dtype = shard, model, host_id, dtype
         self._device = _indexed(device)
-        self._layers = {layer: shard.layer(layer) for layer, _ in shard.experts}
         self._rows_served = torch.zeros(model.num_hidden_layers, model.num_local_experts, dtype=torch.int64)  # [L, E]
         # One thread: torch parallelises inside each op; the loop stays free for Describe and health.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"expert-{host_id}")
@@ -104,7 +103,7 @@ class ExpertServiceServicer(expert_pb2_grpc.ExpertServiceServicer):
         """[T, D] rows -> the encoded [T, D] output and rows computed per expert [E]; runs on the worker thread."""
         ids, weights = batch.expert_ids.to(self._device), batch.weights.to(self._device)
         groups = group_by_expert(ids, weights, self._model.num_local_experts)
-        output = moe_combine(batch.hidden.to(self._device), groups, self._layers.get(batch.layer, {}))
+        output = moe_combine(batch.hidden.to(self._device), groups, self._shard.layer(batch.layer))
         return expert_pb2.DispatchResponse(output=tensors.to_message(output.cpu())), groups.counts
 
     def _decode(self, request: expert_pb2.DispatchRequest) -> _Batch:
@@ -141,7 +140,7 @@ class ExpertServiceServicer(expert_pb2_grpc.ExpertServiceServicer):
             _invalid(f"expert_ids holds {bad.tolist()}, outside [-1, {num_experts})")
 
     def _check_hosted(self, layer: int, expert_ids: Tensor) -> None:
-        hosted = self._layers.get(layer, {})
+        hosted = self._shard.layer(layer)
         missing = sorted(set(torch.unique(expert_ids[expert_ids >= 0]).tolist()) - hosted.keys())
         if missing:
             raise _Rejected(grpc.StatusCode.FAILED_PRECONDITION,

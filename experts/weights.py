@@ -9,24 +9,29 @@ from dataclasses import dataclass
 import torch
 
 from mixtral.checkpoint import Checkpoint, expert_tensor_names
-from mixtral.expert import ExpertWeights
+from mixtral.expert import ExpertWeights, LayerExperts
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class ExpertShard:
-    """Weights of the (layer, expert) pairs a host serves."""
+    """Weights of the (layer, expert) pairs a host serves, stacked per layer."""
 
-    experts: dict[tuple[int, int], ExpertWeights]
+    layers: dict[int, LayerExperts]
 
-    def layer(self, layer: int) -> dict[int, ExpertWeights]:
-        """Expert id -> weights of the experts hosted for `layer`."""
-        return {expert: w for (lyr, expert), w in self.experts.items() if lyr == layer}
+    @property
+    def experts(self) -> dict[tuple[int, int], ExpertWeights]:
+        """(layer, expert) -> that expert's weights (views into its layer's stacks)."""
+        return {(layer, expert): held[expert] for layer, held in sorted(self.layers.items()) for expert in held}
+
+    def layer(self, layer: int) -> LayerExperts:
+        """The experts hosted for `layer` (empty when none are)."""
+        return self.layers.get(layer) or LayerExperts.stack({})
 
     @property
     def num_bytes(self) -> int:
-        return sum(w.num_bytes for w in self.experts.values())
+        return sum(held.num_bytes for held in self.layers.values())
 
 
 def all_experts(checkpoint: Checkpoint) -> list[tuple[int, int]]:
@@ -37,13 +42,27 @@ def all_experts(checkpoint: Checkpoint) -> list[tuple[int, int]]:
 
 def load_shard(checkpoint: Checkpoint, entries: Iterable[tuple[int, int]], dtype: torch.dtype,
                device: str | torch.device = "cpu") -> ExpertShard:
-    """Load only the listed (layer, expert) tensors, one expert at a time to bound peak memory."""
-    experts: dict[tuple[int, int], ExpertWeights] = {}
-    for layer, expert in entries:
-        names = expert_tensor_names(checkpoint.config, layer, expert)
-        t = checkpoint.load(names.values(), dtype, device, copy=False)  # from_checkpoint makes the one copy
-        experts[(layer, expert)] = ExpertWeights.from_checkpoint(
-            t[names["w1"]], t[names["w2"]], t[names["w3"]])
-    shard = ExpertShard(experts)
-    log.info("loaded %d experts (%.1f MiB)", len(experts), shard.num_bytes / 2**20)
+    """Load only the listed (layer, expert) tensors into per-layer stacks, one expert at a time, so the
+    peak is the stacks plus one expert."""
+    by_layer: dict[int, list[int]] = {}
+    for layer, expert in sorted(set(entries)):
+        by_layer.setdefault(layer, []).append(expert)
+    shard = ExpertShard({layer: _load_layer(checkpoint, layer, ids, dtype, device)
+                         for layer, ids in by_layer.items()})
+    log.info("loaded %d experts (%.1f MiB)", sum(len(ids) for ids in by_layer.values()), shard.num_bytes / 2**20)
     return shard
+
+
+def _load_layer(checkpoint: Checkpoint, layer: int, ids: list[int], dtype: torch.dtype,
+                device: str | torch.device) -> LayerExperts:
+    cfg = checkpoint.config
+    hidden, ffn = cfg.hidden_size, cfg.intermediate_size
+    w13 = torch.empty(len(ids), 2 * ffn, hidden, dtype=dtype, device=device)  # [N, 2F, D]
+    w2 = torch.empty(len(ids), hidden, ffn, dtype=dtype, device=device)  # [N, D, F]
+    for i, expert in enumerate(ids):
+        names = expert_tensor_names(cfg, layer, expert)
+        t = checkpoint.load(names.values(), dtype, device, copy=False)  # copied once, into the stacks
+        w13[i, :ffn].copy_(t[names["w1"]])
+        w13[i, ffn:].copy_(t[names["w3"]])
+        w2[i].copy_(t[names["w2"]])
+    return LayerExperts(ids, w13, w2)

@@ -2,12 +2,13 @@
 
 Shapes: T tokens, D hidden, F FFN width, E experts, K experts per token, R routed rows (T * K).
 Weights are in nn.Linear layout; w1 (gate) and w3 (up) are concatenated into one [2F, D] matrix so
-an expert runs two matmuls instead of three.
+an expert runs two matmuls instead of three. The experts of a layer that a process holds are stacked
+([N, 2F, D] and [N, D, F]) so that small row groups (decode) run as one batched matmul per layer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,43 @@ class ExpertWeights:
     def from_checkpoint(cls, w1: Tensor, w2: Tensor, w3: Tensor) -> ExpertWeights:
         """Own copies of the weights (the inputs may be views of a memory-mapped checkpoint)."""
         return cls(w13=torch.cat((w1, w3), dim=0), w2=w2.clone(memory_format=torch.contiguous_format))
+
+    @property
+    def num_bytes(self) -> int:
+        return self.w13.numel() * self.w13.element_size() + self.w2.numel() * self.w2.element_size()
+
+
+class LayerExperts(Mapping[int, ExpertWeights]):
+    """The experts of one layer held by a process, stacked: w13 [N, 2F, D], w2 [N, D, F] for `ids` ascending.
+
+    As a mapping it gives each expert's weights as views into the stacks: there is one copy.
+    """
+
+    def __init__(self, ids: Sequence[int], w13: Tensor, w2: Tensor) -> None:
+        if list(ids) != sorted(set(ids)) or w13.shape[0] != len(ids) or w2.shape[0] != len(ids):
+            raise ValueError(f"expert ids {list(ids)} must be ascending and match stacks of {w13.shape[0]} experts")
+        self.ids = tuple(ids)
+        self.w13 = w13
+        self.w2 = w2
+        self._index = {expert: i for i, expert in enumerate(self.ids)}
+
+    @classmethod
+    def stack(cls, experts: Mapping[int, ExpertWeights]) -> LayerExperts:
+        """Copy separately held experts into stacks (tests and small models; hosts fill stacks in place)."""
+        ids = sorted(experts)
+        if not ids:
+            return cls((), torch.empty(0, 0, 0), torch.empty(0, 0, 0))
+        return cls(ids, torch.stack([experts[i].w13 for i in ids]), torch.stack([experts[i].w2 for i in ids]))
+
+    def __getitem__(self, expert: int) -> ExpertWeights:
+        i = self._index[expert]
+        return ExpertWeights(self.w13[i], self.w2[i])
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
     @property
     def num_bytes(self) -> int:
@@ -65,13 +103,28 @@ def group_by_expert(expert_ids: Tensor, weights: Tensor, num_experts: int) -> Ex
     return ExpertGroups(token_rows=chosen // top_k, weights=weights.reshape(-1)[chosen], counts=counts)
 
 
-def moe_combine(hidden: Tensor, groups: ExpertGroups, experts: Mapping[int, ExpertWeights]) -> Tensor:
+# Up to this many rows per expert, a layer's experts run as one batched matmul over the stacks (rows
+# padded to the busiest expert's count). There the matmuls are bound by reading the weights, so the
+# padding costs little, and one call keeps both cores busy where a loop of small matmuls cannot.
+# Above it (prefill) padding would waste real compute: the experts run one by one.
+BATCHED_MAX_ROWS = 64
+
+
+def moe_combine(hidden: Tensor, groups: ExpertGroups, experts: LayerExperts) -> Tensor:
     """Weighted sum of each token's experts: [T, D] -> [T, D].
 
-    Experts run in ascending id order, each on all its rows at once; contributions are weighted in
-    float32 and accumulated in the hidden dtype, the order Hugging Face's Mixtral uses, so bf16
-    results round identically. Every expert with rows must be in `experts`.
+    Contributions are weighted in float32 and accumulated in the hidden dtype, in ascending expert id,
+    the order Hugging Face's Mixtral uses, so bf16 results round identically whichever path runs.
+    Every expert with rows must be in `experts`.
     """
+    active = [expert for expert, count in enumerate(groups.counts) if count]
+    if tuple(active) == experts.ids and max(groups.counts) <= BATCHED_MAX_ROWS:
+        return _combine_batched(hidden, groups, experts)
+    return _combine_looped(hidden, groups, experts)
+
+
+def _combine_looped(hidden: Tensor, groups: ExpertGroups, experts: Mapping[int, ExpertWeights]) -> Tensor:
+    """Each expert with rows in turn, on all its rows at once."""
     out = torch.zeros_like(hidden)
     start = 0
     for expert_id, count in enumerate(groups.counts):
@@ -82,4 +135,25 @@ def moe_combine(hidden: Tensor, groups: ExpertGroups, experts: Mapping[int, Expe
         weighted = y * groups.weights[start:start + count, None]
         out.index_add_(0, rows, weighted.to(out.dtype))
         start += count
+    return out
+
+
+def _combine_batched(hidden: Tensor, groups: ExpertGroups, experts: LayerExperts) -> Tensor:
+    """Every held expert has rows: pad each expert's rows to M and run two batched matmuls.
+
+    Padding rows read token 0 and carry weight 0, so they add exact zeros to it.
+    """
+    counts = torch.tensor([groups.counts[e] for e in experts.ids], device=hidden.device)  # [N]
+    padded = int(counts.max())
+    starts = torch.cumsum(counts, 0) - counts  # [N]
+    slot = torch.arange(padded, device=hidden.device)[None, :]  # [1, M]
+    valid = slot < counts[:, None]  # [N, M]
+    index = torch.where(valid, starts[:, None] + slot, 0).flatten()  # [N*M] into the sorted rows
+    rows = torch.where(valid.flatten(), groups.token_rows[index], 0)  # [N*M]
+    weights = torch.where(valid.flatten(), groups.weights[index], 0.0)  # [N*M]
+    x = hidden.index_select(0, rows).view(len(experts), padded, -1)  # [N, M, D]
+    gate, up = torch.bmm(x, experts.w13.transpose(1, 2)).chunk(2, dim=-1)  # [N, M, F] each
+    y = torch.bmm(F.silu(gate) * up, experts.w2.transpose(1, 2)).flatten(0, 1)  # [N*M, D]
+    out = torch.zeros_like(hidden)
+    out.index_add_(0, rows, (y * weights[:, None]).to(out.dtype))
     return out

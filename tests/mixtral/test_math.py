@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mixtral.attention import build_metadata
-from mixtral.expert import ExpertWeights, expert_ffn, group_by_expert, moe_combine
+from mixtral.expert import BATCHED_MAX_ROWS, ExpertWeights, LayerExperts, expert_ffn, group_by_expert, moe_combine
 from mixtral.gate import route
 
 
@@ -39,14 +39,48 @@ def test_group_by_expert_worked_example() -> None:
 def test_moe_combine_equals_the_per_token_sum_of_its_experts() -> None:
     g = torch.Generator().manual_seed(0)
     d, f, e, t = 16, 24, 4, 9
-    experts = {i: ExpertWeights.from_checkpoint(torch.randn(f, d, generator=g), torch.randn(d, f, generator=g),
-                                                torch.randn(f, d, generator=g)) for i in range(e)}
+    experts = LayerExperts.stack({i: ExpertWeights.from_checkpoint(
+        torch.randn(f, d, generator=g), torch.randn(d, f, generator=g), torch.randn(f, d, generator=g)) for i in range(e)})
     hidden = torch.randn(t, d, generator=g)
     weights, ids = route(torch.randn(t, e, generator=g), 2)
     got = moe_combine(hidden, group_by_expert(ids, weights, e), experts)
     want = torch.stack([sum(weights[i, k] * expert_ffn(hidden[i:i + 1], experts[int(ids[i, k])])[0]
                             for k in range(2)) for i in range(t)])
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(tokens=st.integers(1, 3 * BATCHED_MAX_ROWS), held=st.sets(st.integers(0, 5), min_size=1),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
+def test_batched_and_looped_experts_agree(tokens: int, held: set[int], dtype: torch.dtype, seed: int) -> None:
+    """Decode-sized groups take the batched matmul, prefill-sized ones and partial sets the loop: both
+    must compute each token's weighted expert sum (a host holding some experts sees -1 for the rest)."""
+    g = torch.Generator().manual_seed(seed)
+    d, f, e = 16, 24, 6
+    experts = LayerExperts.stack({i: ExpertWeights.from_checkpoint(
+        torch.randn(f, d, generator=g).to(dtype), torch.randn(d, f, generator=g).to(dtype),
+        torch.randn(f, d, generator=g).to(dtype)) for i in sorted(held)})
+    hidden = torch.randn(tokens, d, generator=g).to(dtype)
+    weights, ids = route(torch.randn(tokens, e, generator=g), 2)
+    ids = torch.where(torch.isin(ids, torch.tensor(sorted(held))), ids, -1)  # rows of other hosts' experts
+    got = moe_combine(hidden, group_by_expert(ids, weights, e), experts)
+    want = torch.zeros(tokens, d)
+    for t, k in torch.nonzero(ids >= 0).tolist():
+        want[t] += weights[t, k] * expert_ffn(hidden[t:t + 1].float(), _fp32(experts[int(ids[t, k])]))[0]
+    tolerance = 1e-4 if dtype == torch.float32 else 0.05 * float(want.abs().max())
+    torch.testing.assert_close(got.float(), want, atol=tolerance, rtol=1e-3 if dtype == torch.float32 else 0.02)
+
+
+def _fp32(expert: ExpertWeights) -> ExpertWeights:
+    return ExpertWeights(expert.w13.float(), expert.w2.float())
+
+
+def test_layer_experts_are_views_of_one_stack() -> None:
+    w13, w2 = torch.randn(3, 8, 4), torch.randn(3, 4, 4)
+    experts = LayerExperts([1, 4, 6], w13, w2)
+    assert list(experts) == [1, 4, 6] and len(experts) == 3
+    assert experts[4].w13.data_ptr() == w13[1].data_ptr()
+    assert experts.num_bytes == (w13.numel() + w2.numel()) * 4
 
 
 def test_metadata_worked_example_prompt_beside_decode() -> None:
