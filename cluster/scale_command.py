@@ -7,21 +7,25 @@ here prints: lines for the operator go to the `show` callable cli.py passes in.
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cluster.capacity import CapacityConfig, CapacityError, plan_capacity, read_host_rate
+from cluster.load import ExpertLoad, LoadFileError
 from cluster.scaler import (
     HOSTS,
     Bounds,
+    HostsNeeded,
     LoopConfig,
     Outcome,
     RayClusterScaler,
     RayResourceRequest,
+    ScaleError,
     ScaleLoop,
     ScalerConfig,
     Target,
-    describe,
     pods_for_hosts,
     raycluster_name,
     static_target,
@@ -47,9 +51,17 @@ def add_scale_command(commands: argparse._SubParsersAction[Any], run: Callable[[
     target = p.add_argument_group("target")
     target.add_argument("--group", action="append", type=_group_count, default=[], metavar="NAME=PODS",
                         help="worker pods wanted in a group (repeatable)")
-    target.add_argument("--hosts", type=_count, default=None,
-                        help="expert hosts wanted: pods of --hosts-group (KubeRay) or bundles (--ray-address)")
-    target.add_argument("--hosts-group", default=None, help="the worker group that holds --hosts (KubeRay)")
+    hosts = target.add_mutually_exclusive_group()
+    hosts.add_argument("--hosts", type=_count, default=None,
+                       help="expert hosts wanted: pods of --hosts-group (KubeRay) or bundles (--ray-address)")
+    hosts.add_argument("--from-capacity", type=Path, default=None, metavar="load.json",
+                       help="expert hosts from the capacity model (`moe-cluster capacity`) for this load file, "
+                       "re-read every round of the loop")
+    target.add_argument("--target-tokens-per-s", type=float, default=None, metavar="X",
+                        help="with --from-capacity: the rate to serve")
+    target.add_argument("--measured", type=Path, default=None, metavar="bench.json",
+                        help='with --from-capacity: the host speed, as for `moe-cluster capacity`')
+    target.add_argument("--hosts-group", default=None, help="the worker group that holds the hosts (KubeRay)")
     target.add_argument("--cpus-per-host", type=float, default=1.0, help="Ray CPUs of one expert host")
     target.add_argument("--gpus-per-host", type=float, default=0.0, help="Ray GPUs of one expert host")
     target.add_argument("--min", action="append", type=_group_count, default=[], metavar="NAME=PODS",
@@ -86,7 +98,7 @@ def _group_count(text: str) -> tuple[str, int]:
 
 def run_scale(args: argparse.Namespace, show: Show) -> int:
     apply = _ray_applier(args) if args.ray_address else _kuberay_applier(args)
-    target = _target(args)
+    target = scale_target(args)
 
     def report(outcome: Outcome) -> None:
         for line in describe(outcome, args.dry_run):
@@ -99,26 +111,60 @@ def run_scale(args: argparse.Namespace, show: Show) -> int:
     return 0
 
 
-def _target(args: argparse.Namespace) -> Target:
+def scale_target(args: argparse.Namespace) -> Target:
+    hosts = _hosts_needed(args)
     if args.ray_address:
-        if args.hosts is None or args.group:
-            raise ValueError("--ray-address scales by --hosts N (the Ray autoscaler knows no worker groups)")
-        return static_target({HOSTS: args.hosts})
-    if (args.hosts is None) != (args.hosts_group is None):
-        raise ValueError("--hosts and --hosts-group go together")
-    if args.hosts is None and not args.group:
-        raise ValueError("nothing to scale: give --group NAME=PODS or --hosts N --hosts-group NAME")
+        if hosts is None or args.group:
+            raise ValueError("--ray-address scales by --hosts N or --from-capacity (the Ray autoscaler knows no "
+                             "worker groups)")
+        return lambda groups: {HOSTS: hosts()}
+    if (hosts is None) != (args.hosts_group is None):
+        raise ValueError("--hosts-group goes with --hosts or --from-capacity, and they with it")
+    if hosts is None and not args.group:
+        raise ValueError("nothing to scale: give --group NAME=PODS, or --hosts N (or --from-capacity) --hosts-group")
     fixed = dict(args.group)
-    if args.hosts is None:
+    if hosts is None:
         return static_target(fixed)
-    hosts, group, cpus, gpus = args.hosts, args.hosts_group, args.cpus_per_host, args.gpus_per_host
+    group, cpus, gpus = args.hosts_group, args.cpus_per_host, args.gpus_per_host
 
     def with_hosts(groups: Any) -> dict[str, int]:
         if group not in groups:
             raise ValueError(f"--hosts-group {group!r} is not a worker group of the RayCluster: {sorted(groups)}")
-        return {**fixed, group: pods_for_hosts(hosts, groups[group], cpus, gpus)}
+        return {**fixed, group: pods_for_hosts(hosts(), groups[group], cpus, gpus)}
 
     return with_hosts
+
+
+def _hosts_needed(args: argparse.Namespace) -> HostsNeeded | None:
+    if args.from_capacity is None:
+        if args.target_tokens_per_s is not None or args.measured is not None:
+            raise ValueError("--target-tokens-per-s and --measured go with --from-capacity")
+        count = args.hosts
+        return None if count is None else lambda: int(count)
+    if args.target_tokens_per_s is None or args.measured is None:
+        raise ValueError("--from-capacity needs --target-tokens-per-s and --measured")
+    for path in (args.from_capacity, args.measured):
+        if not path.is_file():
+            raise ValueError(f"{path}: no such file")
+    return capacity_hosts(args.from_capacity, args.measured, args.target_tokens_per_s)
+
+
+def capacity_hosts(load_path: Path, measured: Path, target_tokens_per_s: float) -> HostsNeeded:
+    """The capacity model's answer (cluster/capacity.py, as `moe-cluster capacity` gives it), computed
+    afresh from the load file at every call: in the loop, whatever rewrites that file drives the scale.
+    A file caught half-written or a target no host count reaches fails the round, not the loop."""
+    round_errors = (LoadFileError, CapacityError, OSError)
+
+    def hosts() -> int:
+        try:
+            load = ExpertLoad.read(load_path)
+            rate = read_host_rate(measured, load.rows_per_token())
+            cfg = CapacityConfig(target_tokens_per_s, rate.rows_per_s)
+            return plan_capacity(load.rows, load.token_count(), cfg).num_hosts
+        except round_errors as err:
+            raise ScaleError(f"capacity model: {err}") from None
+
+    return hosts
 
 
 def _kuberay_applier(args: argparse.Namespace) -> Any:
@@ -158,3 +204,10 @@ def kube_api(kubeconfig: Path | None, context: str | None, in_cluster: bool) -> 
     except config.ConfigException as err:
         raise ValueError(f"cannot load the Kubernetes configuration: {err}") from None
     return client.CustomObjectsApi(client.ApiClient(configuration))
+
+
+def describe(outcome: Outcome, dry_run: bool) -> list[str]:
+    """Lines for the operator: the patch of a dry run, else one line per change."""
+    if dry_run:
+        return [json.dumps(outcome.patch)] if outcome.patch else ["no change"]
+    return [f"{name}: {old} -> {new}" for name, (old, new) in outcome.changes.items()] or ["no change"]

@@ -11,7 +11,6 @@ and `generate` never need them, and the kubernetes client takes a second to impo
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -37,11 +36,14 @@ Manifest = dict[str, Any]
 # The worker groups of the RayCluster as read (groupName -> its spec) -> wanted replicas per group.
 # The specs let a target turn a number of expert hosts into pods of a group (pods_for_hosts).
 Target = Callable[[Mapping[str, Manifest]], dict[str, int]]
+# Expert hosts needed now: a fixed count, or the capacity model's answer for the latest load.
+HostsNeeded = Callable[[], int]
 MayChange = Callable[[str], bool]
 
 
 class ScaleError(RuntimeError):
-    """The API server refused or kept conflicting; the message says what to check."""
+    """A round that could not be applied: the API server refused or kept conflicting, or the capacity
+    model had no answer. The message says what to check."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,10 +335,3 @@ class ScaleLoop:
             done += 1
             if rounds is None or done < rounds:
                 self._sleep(self.cfg.interval_s)
-
-
-def describe(outcome: Outcome, dry_run: bool) -> list[str]:
-    """Lines for the operator: the patch of a dry run, else one line per change."""
-    if dry_run:
-        return [json.dumps(outcome.patch)] if outcome.patch else ["no change"]
-    return [f"{name}: {old} -> {new}" for name, (old, new) in outcome.changes.items()] or ["no change"]

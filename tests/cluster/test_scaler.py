@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,10 @@ from typing import Any
 import pytest
 import yaml
 
-from cluster.cli import main
-from cluster.scale_command import kube_api
+from cluster.capacity import CapacityConfig, plan_capacity
+from cluster.cli import build_parser, main
+from cluster.load import ExpertLoad
+from cluster.scale_command import kube_api, scale_target
 from cluster.scaler import (
     HOSTS,
     Bounds,
@@ -157,6 +160,65 @@ def test_turns_expert_hosts_into_pods_of_the_group_when_hosts_are_given(api: Fak
     assert replicas_of(api.object) == {"cpu": 1, "a100": 3, "h100": 1}
 
 
+# From the capacity model
+
+
+def write_load(path: Path, first_layer_rows: list[float]) -> int:
+    """A 2-layer, 4-expert load file; returns the hosts the capacity model asks for it at 1000 tokens/s."""
+    load = ExpertLoad((tuple(first_layer_rows),) * 2, tokens=200, experts_per_token=2)
+    load.save(path)
+    return plan_capacity(load.rows, load.token_count(), CapacityConfig(1000.0, HOST_ROWS_PER_S)).num_hosts
+
+
+HOST_ROWS_PER_S = 1000.0
+
+
+def capacity_args(tmp_path: Path, load: Path) -> list[str]:
+    measured = tmp_path / "measured.json"
+    measured.write_text(json.dumps({"host_rows_per_s": HOST_ROWS_PER_S}))
+    return ["--from-capacity", str(load), "--measured", str(measured), "--target-tokens-per-s", "1000",
+            "--hosts-group", "a100", "--gpus-per-host", "1"]
+
+
+def test_scales_to_the_hosts_the_capacity_model_asks_when_from_capacity_is_given(
+        api: FakeApiServer, kubeconfig: Path, tmp_path: Path) -> None:
+    load = tmp_path / "load.json"
+    hosts = write_load(load, [340, 20, 20, 20])
+    assert main(scale(kubeconfig, *capacity_args(tmp_path, load))) == 0
+    # a100 pods hold 2 hosts of 1 GPU each.
+    assert replicas_of(api.object)["a100"] == pods_for_hosts(hosts, RAYCLUSTER["spec"]["workerGroupSpecs"][1], 1, 1)
+    assert replicas_of(api.object)["a100"] == 3
+
+
+def test_loop_follows_the_load_file_as_it_is_rewritten(api: FakeApiServer, kubeconfig: Path, tmp_path: Path) -> None:
+    load = tmp_path / "load.json"
+    uniform, skewed = write_load(load, [100, 100, 100, 100]), write_load(tmp_path / "other.json", [340, 20, 20, 20])
+    assert (math.ceil(uniform / 2), math.ceil(skewed / 2)) == (2, 3)  # a100 pods for each load
+    args = build_parser().parse_args(scale(kubeconfig, *capacity_args(tmp_path, load)))
+    clock, pods = FakeClock(), []
+
+    def round_then_rewrite(outcome: Outcome) -> None:
+        pods.append(replicas_of(api.object)["a100"])
+        write_load(load, [340, 20, 20, 20])  # the next round reads a hotter expert 0
+
+    loop = ScaleLoop(RayClusterScaler(kube_api(kubeconfig, None, False), ScalerConfig(NAMESPACE, NAME)).apply,
+                     scale_target(args), LoopConfig(interval_s=60, cooldown_s=0), round_then_rewrite, clock,
+                     clock.sleep)
+    loop.run(rounds=2)
+    assert pods == [2, 3]
+
+
+def test_fails_the_round_naming_the_capacity_model_when_no_host_count_reaches_the_target(
+        api: FakeApiServer, kubeconfig: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    load = tmp_path / "load.json"
+    write_load(load, [100, 100, 100, 100])
+    args = capacity_args(tmp_path, load)
+    args[args.index("--target-tokens-per-s") + 1] = "1e9"
+    assert main(scale(kubeconfig, *args)) == 1
+    assert "capacity model: 256 hosts" in capsys.readouterr().err
+    assert api.patches() == []
+
+
 # Conflicts
 
 
@@ -203,7 +265,12 @@ def test_fails_with_exit_code_1_when_conflicts_outlast_the_attempts(
     (["--group", "a100=-1"], 2, "-1 must be at least 0"),
     (["--group", "v100=2"], 2, "has no worker group 'v100'; its groups: ['a100', 'cpu', 'h100']"),
     ([], 2, "nothing to scale"),
-    (["--hosts", "4"], 2, "--hosts and --hosts-group go together"),
+    (["--hosts", "4"], 2, "--hosts-group goes with --hosts or --from-capacity"),
+    (["--from-capacity", "load.json", "--hosts-group", "a100"], 2, "needs --target-tokens-per-s and --measured"),
+    (["--group", "a100=2", "--measured", "m.json"], 2, "--target-tokens-per-s and --measured go with"),
+    (["--from-capacity", "none.json", "--target-tokens-per-s", "5", "--measured", "m.json", "--hosts-group", "a"],
+     2, "none.json: no such file"),
+    (["--hosts", "4", "--from-capacity", "load.json"], 2, "not allowed with argument --hosts"),
     (["--group", "a100=2", "--min", "a100=3", "--max", "a100=2"], 2, "max replicas=2 is less than min replicas=3"),
     (["--group", "cpu=2", "--min", "cpu=2"], 2, "no replica count fits min 2 and max 1"),
 ])
