@@ -3,7 +3,8 @@
 A load file is JSON:
 
     {"layers": L, "experts": E, "load": [[rows of expert 0..E-1] for layer 0..L-1],
-     "window_s": seconds measured, "tokens": token positions through every layer,
+     "window_s": seconds the rows were gathered over (offline: the run's wall time),
+     "tokens": token positions through every layer,
      "experts_per_token": K, "source": "offline" | ...}
 
 A row is one (token, k) slot of the top-K gate, exactly what router.expert_load.CountingExperts
@@ -215,10 +216,18 @@ def measure_load(prompts: list[Prompt], cfg: MeasureConfig) -> ExpertLoad:
     for i in range(0, len(encoded), cfg.batch_size):
         _generate(model, encoded[i:i + cfg.batch_size], cfg.engine)
     window = time.perf_counter() - start
-    rows = counter[0].rows  # [L, E] int64
-    top_k = config.num_experts_per_tok
-    return ExpertLoad(tuple(tuple(int(v) for v in layer) for layer in rows.tolist()), round(window, 4),
-                      int(rows[0].sum()) // top_k, top_k, "offline")
+    return load_from_counter(counter[0], config.num_experts_per_tok, window, "offline")
+
+
+def load_from_counter(counter: CountingExperts, top_k: int, window_s: float | None, source: str) -> ExpertLoad:
+    """The rows a CountingExperts has seen, as a load; the same conversion serves a live export.
+
+    tokens = layer 0's rows / top_k: the gate gives every token exactly top_k experts.
+    """
+    rows = counter.rows.tolist()  # [L, E]
+    window = None if window_s is None else round(window_s, 4)
+    return ExpertLoad(tuple(tuple(int(v) for v in layer) for layer in rows), window, sum(rows[0]) // top_k,
+                      top_k, source)
 
 
 def _generate(model: Mixtral, batch: list[tuple[list[int], int]], engine_cfg: EngineConfig) -> None:

@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-# Improvements smaller than this fraction of the busiest host's load are float noise, not progress:
-# ignoring them keeps the plan the same on every machine and stops the search.
+# Gains smaller than this fraction of the busiest host's load are rounding noise, not progress:
+# ignoring them keeps spare replicas from being spent on nothing and lets the swap search end.
 REL_EPS = 1e-12
 
 
@@ -32,10 +32,6 @@ class LayerPacking:
     @property
     def max_load(self) -> float:
         return max(self.loads)
-
-    @property
-    def num_replicas(self) -> int:
-        return sum(len(e) for e in self.experts)
 
 
 def pack_layer(rows: Sequence[float], quotas: Sequence[int], spare_slots: int) -> LayerPacking:

@@ -10,7 +10,17 @@ import torch
 
 from cluster.cli import main
 from cluster.deploy import LocalConfig
-from cluster.load import ExpertLoad, LoadFileError, MeasureConfig, Prompt, measure_load, read_prompts, zipf_load
+from cluster.load import (
+    ExpertLoad,
+    LoadFileError,
+    MeasureConfig,
+    Prompt,
+    load_from_counter,
+    measure_load,
+    read_prompts,
+    zipf_load,
+)
+from router.expert_load import CountingExperts
 from router.tokenizer import ChatMessage
 
 PROMPTS = [(1, 100, 200, 300), (1, 7, 8, 9, 10, 11, 12), (1, 31999), tuple(range(1, 40))]
@@ -45,6 +55,19 @@ def test_a_live_style_file_with_only_the_issue_fields_reads() -> None:
 def test_a_malformed_load_file_is_refused(text: str, message: str) -> None:
     with pytest.raises(LoadFileError, match=message):
         ExpertLoad.from_json(text)
+
+
+def test_a_counter_becomes_a_load_as_a_live_export_would_make_it() -> None:
+    def experts(layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+    counter = CountingExperts(experts, num_layers=2, num_experts=3)  # type: ignore[arg-type]
+    counter(0, torch.zeros(2, 4), torch.tensor([[0, 2], [2, 1]]), torch.ones(2, 2))
+    counter(1, torch.zeros(2, 4), torch.tensor([[1, 0], [1, 2]]), torch.ones(2, 2))
+
+    load = load_from_counter(counter, top_k=2, window_s=1.23456, source="live")
+
+    assert load == ExpertLoad(((1, 1, 2), (1, 2, 1)), 1.2346, tokens=2, experts_per_token=2, source="live")
 
 
 def test_token_count_needs_tokens_or_top_k() -> None:

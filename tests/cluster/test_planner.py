@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -204,14 +205,14 @@ def test_the_figure_has_the_load_panel_and_round_robin_beside_the_plan() -> None
     host_axes = [ax for ax in hosts_panel.axes if ax.get_title()]
     assert [ax.get_title() for ax in load_axes] == [LOAD_TITLE]
     assert [ax.get_title().splitlines()[0] for ax in host_axes] == [ROUND_ROBIN_TITLE, PLAN_TITLE]
-    assert load_axes[0].images[0].get_array().shape == (8, 8)  # layer x expert
-    assert [ax.images[0].get_array().shape for ax in host_axes] == [(8, 8), (8, 8)]  # layer x host
-    rr_image, plan_image = (ax.images[0].get_array() for ax in host_axes)
+    load_image, rr_image, plan_image = (np.asarray(ax.images[0].get_array()) for ax in [*load_axes, *host_axes])
+    assert load_image.shape == (8, 8) and load_image.max() == max(map(max, load.rows))  # layer x expert
+    assert rr_image.shape == plan_image.shape == (8, 8)  # layer x host
     assert rr_image.max() > 2.5 * plan_image.max()  # round-robin has the hot spots (3.4 vs 1.14 x mean)
     assert host_axes[0].images[0].get_clim() == host_axes[1].images[0].get_clim()  # one colour scale
 
 
-def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+def run_cli(argv: list[object], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
