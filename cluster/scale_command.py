@@ -97,8 +97,8 @@ def _group_count(text: str) -> tuple[str, int]:
 
 
 def run_scale(args: argparse.Namespace, show: Show) -> int:
+    target = scale_target(args)  # checked before connecting to anything
     apply = _ray_applier(args) if args.ray_address else _kuberay_applier(args)
-    target = scale_target(args)
 
     def report(outcome: Outcome) -> None:
         for line in describe(outcome, args.dry_run):

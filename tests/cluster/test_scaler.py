@@ -392,6 +392,15 @@ def test_requests_one_bundle_per_host_and_holds_it_for_the_cooldown() -> None:
     assert sent == [[{"CPU": 2, "GPU": 1}] * 3, [{"CPU": 2, "GPU": 1}] * 3, [{"CPU": 2, "GPU": 1}]]
 
 
+def test_asks_ray_for_the_hosts_the_capacity_model_asks_when_from_capacity_is_given(tmp_path: Path) -> None:
+    load = tmp_path / "load.json"
+    hosts = write_load(load, [340, 20, 20, 20])
+    args = capacity_args(tmp_path, load)
+    del args[args.index("--hosts-group"):args.index("--hosts-group") + 2]
+    target = scale_target(build_parser().parse_args(["scale", "--ray-address", "head:6379", *args]))
+    assert target({}) == {HOSTS: hosts}
+
+
 @pytest.mark.slow
 def test_asks_the_ray_autoscaler_of_a_real_cluster_for_the_hosts_bundles(
         ray_cluster: Any, capsys: pytest.CaptureFixture[str]) -> None:
