@@ -26,6 +26,12 @@ def test_the_committed_stubs_are_up_to_date() -> None:
     assert done.returncode == 0, done.stderr
 
 
+def test_every_service_proto_is_generated_and_committed() -> None:
+    assert set(generate.stub_names(REPO)) >= {
+        f"protos/{name}{suffix}" for name in ("admin", "expert", "kserve", "router") for suffix in generate.SUFFIXES}
+    assert all((REPO / name).is_file() for name in generate.stub_names(REPO))
+
+
 def test_generation_writes_the_three_stubs_of_every_proto_importing_from_protos(tmp_path: Path) -> None:
     copy = copy_protos(tmp_path)
     for stub in (copy / "protos").glob("*_pb2*"):
