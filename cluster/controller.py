@@ -14,14 +14,17 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
 from ray.util.placement_group import PlacementGroup, get_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.placement import PlacementPlan
+from cluster.placement import HostPlan, PlacementPlan
+from cluster.rebalance import Step, plan_after, plan_steps
 from experts.actor import ExpertHost
+from mixtral.config import DTYPES, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +56,14 @@ class Controller:
     def __init__(self, name: str, plan_json: str, model_dir: str, dtype: str, resources: dict[str, Any],
                  max_message_bytes: int, tls_files: list[str] | None = None) -> None:
         self.plan = PlacementPlan.from_json(plan_json)
+        self.initial_plan = self.plan  # what the hosts' constructors load (and a restarted host reloads)
+        self.expert_bytes = ModelConfig.from_json(Path(model_dir) / "config.json").expert_num_params * \
+            DTYPES[dtype].itemsize
         self.resources = HostResources(**resources)
         self.version = 0
         self.endpoints: dict[str, str] = {}
         self._lock = threading.Lock()
+        self._rebalancing = threading.Lock()  # one re-placement at a time
         self._stopped = threading.Event()
         # The placement group and the hosts are named and detached: they outlive this actor, so a
         # controller that Ray restarts adopts them (get_if_exists) instead of starting new ones.
@@ -76,6 +83,7 @@ class Controller:
         }
         if adopted:
             log.warning("controller restarted: adopting the %d hosts of %s", len(self.hosts), name)
+            self._adopt_placement()
             self._probe()
             self._start_watch()
 
@@ -124,6 +132,62 @@ class Controller:
         refs = [handle.info.remote() for handle in self.hosts.values()]
         return [ray.get(ref, timeout=self.resources.probe_timeout_s * 5) for ref in refs]
 
+    def rebalance(self, plan_json: str, host_memory_bytes: int | None = None, settle_s: float = 1.0) -> str:
+        """Move the running hosts to a new plan without stopping service; returns a JSON report.
+
+        Steps come from cluster.rebalance.plan_steps (RebalanceError when no order fits the memory).
+        An add is published once the host serves it; a drop is published first, and the host lets
+        the experts go `settle_s` later, when routers have picked up the table (a router that has not
+        gets FAILED_PRECONDITION and re-routes the rows after refreshing).
+        """
+        target = PlacementPlan.from_json(plan_json)
+        with self._rebalancing:
+            started = time.monotonic()
+            steps = plan_steps(self.plan, target, self.expert_bytes, host_memory_bytes)
+            for step in steps:
+                self._apply(step, settle_s)
+            log.warning("re-placement done: %d steps in %.1f s, routing table v%d", len(steps),
+                        time.monotonic() - started, self.version)
+            return json.dumps({"steps": len(steps), "seconds": time.monotonic() - started, "version": self.version,
+                               "peak_bytes": {h.host_id: max([s.peak_bytes for s in steps if s.host_id == h.host_id],
+                                                             default=0) for h in target.hosts}})
+
+    def placement(self) -> str:
+        """The plan being served now, as JSON (it changes with each re-placement step)."""
+        with self._lock:
+            return self.plan.to_json()
+
+    def _apply(self, step: Step, settle_s: float) -> None:
+        host, entries = self.hosts[step.host_id], [list(e) for e in step.entries]
+        if step.dropped:
+            self._publish(plan_after(self.plan, step))
+            time.sleep(settle_s)
+            ray.get(host.apply.remote(entries))
+        else:
+            ray.get(host.apply.remote(entries))
+            self._publish(plan_after(self.plan, step))
+        log.info("%s layer %d: +%s -%s (peak %.1f MiB)", step.host_id, step.layer, list(step.added),
+                 list(step.dropped), step.peak_bytes / 2**20)
+
+    def _publish(self, plan: PlacementPlan) -> None:
+        with self._lock:
+            self.plan = plan
+            self.version += 1
+
+    def _adopt_placement(self) -> None:
+        """After a controller restart: the plan is what the adopted hosts serve (a re-placement may have
+        changed it since the constructor's plan)."""
+        try:
+            held = {host_id: ray.get(handle.entries.remote(), timeout=self.resources.probe_timeout_s * 5)
+                    for host_id, handle in self.hosts.items()}
+        except Exception:  # a host is down: its restart reloads the constructor's plan, which stays
+            log.warning("could not read every host's entries; serving the initial plan")
+            return
+        plan = PlacementPlan(self.plan.num_layers, self.plan.num_experts,
+                             tuple(HostPlan(h, tuple((int(a), int(b)) for a, b in held[h])) for h in held))
+        if all(plan.replicas(layer, expert) for layer in range(plan.num_layers) for expert in range(plan.num_experts)):
+            self.plan = plan
+
     def shutdown(self, grace_s: float = 1.0) -> None:
         """Stop every host (after `grace_s` for calls in flight) and release the placement group."""
         self._stopped.set()
@@ -149,6 +213,9 @@ class Controller:
                 endpoints[host_id] = ray.get(ref, timeout=max(0.01, deadline - time.monotonic()))
             except Exception:  # dead, restarting or slow: left out of the table until it answers
                 log.warning("host %s did not answer its probe; left out of the routing table", host_id)
+        for host_id in [h for h, ep in endpoints.items() if self.endpoints.get(h) != ep]:
+            if not self._restore_entries(host_id):
+                del endpoints[host_id]
         with self._lock:
             if endpoints != self.endpoints:
                 gone = sorted(set(self.endpoints) - set(endpoints))
@@ -156,6 +223,22 @@ class Controller:
                 log.warning("routing table v%d: hosts down %s, (re)started %s", self.version + 1, gone, new)
                 self.endpoints = endpoints
                 self.version += 1
+
+    def _restore_entries(self, host_id: str) -> bool:
+        """A (re)started host loads its constructor's entries: give it the current plan's, if they differ."""
+        entries = [list(e) for e in self._host_plan(self.plan, host_id)]
+        if entries == [list(e) for e in self._host_plan(self.initial_plan, host_id)]:
+            return True
+        try:
+            ray.get(self.hosts[host_id].apply.remote(entries), timeout=self.resources.ready_timeout_s)
+            return True
+        except Exception:  # still starting or gone again: the next probe retries
+            log.warning("host %s restarted but could not reload its re-placed experts", host_id)
+            return False
+
+    @staticmethod
+    def _host_plan(plan: PlacementPlan, host_id: str) -> tuple[tuple[int, int], ...]:
+        return next(tuple(sorted(h.entries)) for h in plan.hosts if h.host_id == host_id)
 
     def _table_json(self) -> str:
         with self._lock:

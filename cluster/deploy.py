@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -14,6 +15,7 @@ import torch
 
 from cluster.controller import Controller, HostResources
 from cluster.placement import PlacementError, PlacementPlan
+from cluster.rebalance import RebalanceError
 from experts.backend import InProcessExperts
 from experts.weights import all_experts, load_shard
 from mixtral.block import Experts
@@ -199,6 +201,18 @@ class ExpertCluster:
     def hosts_info(self) -> list[dict[str, Any]]:
         return list(ray.get(self.controller.hosts_info.remote(), timeout=60))
 
+    def rebalance(self, plan: PlacementPlan, host_memory_bytes: int | None = None) -> dict[str, Any]:
+        """Move the running hosts to `plan` while serving (see Controller.rebalance); returns its report.
+
+        RebalanceError (nothing changed) when the plan does not fit the hosts or their memory.
+        """
+        return rebalance_controller(self.controller, plan, host_memory_bytes,
+                                    settle_s=2 * self.cfg.dispatch.table_max_age_s)
+
+    def placement(self) -> PlacementPlan:
+        """The plan the hosts serve now."""
+        return PlacementPlan.from_json(ray.get(self.controller.placement.remote(), timeout=60))
+
     def is_serving(self) -> bool:
         """True while every expert of the plan has a live host (the controller's view)."""
         try:
@@ -224,6 +238,19 @@ class ExpertCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def rebalance_controller(controller: Any, plan: PlacementPlan, host_memory_bytes: int | None,
+                         settle_s: float) -> dict[str, Any]:
+    """Ask a controller actor to apply `plan`; RebalanceError carries its reason when it refuses."""
+    try:
+        report: dict[str, Any] = json.loads(ray.get(controller.rebalance.remote(
+            plan.to_json(), host_memory_bytes, settle_s)))
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(err.cause, RebalanceError):
+            raise RebalanceError(str(err.cause)) from None
+        raise
+    return report
 
 
 def connect_ray(address: str | None, namespace: str) -> bool:

@@ -76,37 +76,48 @@ class ExpertServiceServicer(expert_pb2_grpc.ExpertServiceServicer):
 
     async def Dispatch(self, request: expert_pb2.DispatchRequest, context: grpc.aio.ServicerContext
                        ) -> expert_pb2.DispatchResponse:
+        shard = self._shard  # one snapshot per call: a re-placement swaps in a new shard between calls
         try:
-            batch = self._decode(request)
+            batch = self._decode(request, shard)
         except _Rejected as err:
             log.info("Dispatch rejected (%s): %s", err.code.name, err)
             await context.abort(err.code, str(err))
             raise  # unreachable: abort raises
-        response, counts = await asyncio.get_running_loop().run_in_executor(self._worker, self._compute, batch)
+        response, counts = await asyncio.get_running_loop().run_in_executor(self._worker, self._compute, batch,
+                                                                            shard)
         self._rows_served[batch.layer] += torch.tensor(counts)  # on the loop thread, like Describe's read
         return response
 
     async def Describe(self, request: expert_pb2.DescribeRequest, context: grpc.aio.ServicerContext
                        ) -> expert_pb2.HostInfo:
-        rows = self._rows_served
+        rows, shard = self._rows_served, self._shard
         experts = [expert_pb2.HostedExpert(layer=layer, expert=expert, rows_served=int(rows[layer, expert]))
-                   for layer, expert in sorted(self._shard.experts)]
+                   for layer, expert in sorted(shard.experts)]
         return expert_pb2.HostInfo(host_id=self._host_id, experts=experts, dtype=tensors.dtype_name(self._dtype),
-                                   device=str(self._device), expert_bytes=self._shard.num_bytes,
+                                   device=str(self._device), expert_bytes=shard.num_bytes,
                                    hidden_size=self._model.hidden_size)
+
+    def replace_shard(self, shard: ExpertShard) -> None:
+        """Serve `shard` from the next call on (calls in flight finish on the one they started with)."""
+        _check_shard(shard, self._model, self._dtype)
+        self._shard = shard
+
+    @property
+    def shard(self) -> ExpertShard:
+        return self._shard
 
     def close(self) -> None:
         """Stop the worker thread once the server no longer calls Dispatch."""
         self._worker.shutdown(wait=True)
 
-    def _compute(self, batch: _Batch) -> tuple[expert_pb2.DispatchResponse, list[int]]:
+    def _compute(self, batch: _Batch, shard: ExpertShard) -> tuple[expert_pb2.DispatchResponse, list[int]]:
         """[T, D] rows -> the encoded [T, D] output and rows computed per expert [E]; runs on the worker thread."""
         ids, weights = batch.expert_ids.to(self._device), batch.weights.to(self._device)
         groups = group_by_expert(ids, weights, self._model.num_local_experts)
-        output = moe_combine(batch.hidden.to(self._device), groups, self._shard.layer(batch.layer))
+        output = moe_combine(batch.hidden.to(self._device), groups, shard.layer(batch.layer))
         return expert_pb2.DispatchResponse(output=tensors.to_message(output.cpu())), groups.counts
 
-    def _decode(self, request: expert_pb2.DispatchRequest) -> _Batch:
+    def _decode(self, request: expert_pb2.DispatchRequest, shard: ExpertShard) -> _Batch:
         num_layers = self._model.num_hidden_layers
         if request.layer >= num_layers:
             raise _Rejected(grpc.StatusCode.INVALID_ARGUMENT,
@@ -115,7 +126,7 @@ class ExpertServiceServicer(expert_pb2_grpc.ExpertServiceServicer):
                        _decoded("weights", request.weights))
         self._check_hidden(batch.hidden)
         self._check_routing(batch)
-        self._check_hosted(batch.layer, batch.expert_ids)
+        _check_hosted(shard, self._host_id, batch.layer, batch.expert_ids)
         return batch
 
     def _check_hidden(self, hidden: Tensor) -> None:
@@ -139,13 +150,6 @@ class ExpertServiceServicer(expert_pb2_grpc.ExpertServiceServicer):
         if bad.numel():
             _invalid(f"expert_ids holds {bad.tolist()}, outside [-1, {num_experts})")
 
-    def _check_hosted(self, layer: int, expert_ids: Tensor) -> None:
-        hosted = self._shard.layer(layer)
-        missing = sorted(set(torch.unique(expert_ids[expert_ids >= 0]).tolist()) - hosted.keys())
-        if missing:
-            raise _Rejected(grpc.StatusCode.FAILED_PRECONDITION,
-                            f"host {self._host_id!r} does not serve layer {layer} expert(s) {missing}; "
-                            f"for layer {layer} it serves experts {sorted(hosted)}")
 
 
 def _decoded(field: str, message: expert_pb2.Tensor) -> Tensor:
@@ -157,6 +161,17 @@ def _decoded(field: str, message: expert_pb2.Tensor) -> Tensor:
 
 def _invalid(message: str) -> NoReturn:
     raise _Rejected(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def _check_hosted(shard: ExpertShard, host_id: str, layer: int, expert_ids: Tensor) -> None:
+    # FAILED_PRECONDITION: the router's routing table is stale (a re-placement moved the expert);
+    # it refreshes the table and sends the rows to a host that serves them.
+    hosted = shard.layer(layer)
+    missing = sorted(set(torch.unique(expert_ids[expert_ids >= 0]).tolist()) - hosted.keys())
+    if missing:
+        raise _Rejected(grpc.StatusCode.FAILED_PRECONDITION,
+                        f"host {host_id!r} does not serve layer {layer} expert(s) {missing}; "
+                        f"for layer {layer} it serves experts {sorted(hosted)}")
 
 
 def _check_shard(shard: ExpertShard, model: ModelConfig, dtype: torch.dtype) -> None:

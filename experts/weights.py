@@ -53,6 +53,23 @@ def load_shard(checkpoint: Checkpoint, entries: Iterable[tuple[int, int]], dtype
     return shard
 
 
+def reload_shard(checkpoint: Checkpoint, shard: ExpertShard, entries: Iterable[tuple[int, int]],
+                 dtype: torch.dtype, device: str | torch.device = "cpu") -> ExpertShard:
+    """The shard holding exactly `entries`: unchanged layers keep their stacks, a changed layer gets a
+    new stack read from the checkpoint (built beside the old one, which is freed once no call uses it)."""
+    by_layer: dict[int, list[int]] = {}
+    for layer, expert in sorted(set(entries)):
+        by_layer.setdefault(layer, []).append(expert)
+    layers = {}
+    for layer, ids in by_layer.items():
+        held = shard.layers.get(layer)
+        if held is not None and list(held.ids) == ids:
+            layers[layer] = held
+        else:
+            layers[layer] = _load_layer(checkpoint, layer, ids, dtype, device)
+    return ExpertShard(layers)
+
+
 def _load_layer(checkpoint: Checkpoint, layer: int, ids: list[int], dtype: torch.dtype,
                 device: str | torch.device) -> LayerExperts:
     cfg = checkpoint.config

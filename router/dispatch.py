@@ -6,7 +6,10 @@ rows (each row once, the slots served elsewhere marked -1) and answers one row p
 All hosts are called at once; the answers are summed into the output.
 
 Failures: a host that does not answer (UNAVAILABLE, DEADLINE_EXCEEDED) is dropped for this call,
-the routing table is refreshed, and its slots go to another replica. When an expert has no live
+the routing table is refreshed, and its slots go to another replica. A host that no longer serves
+an expert (FAILED_PRECONDITION: a live re-placement moved it and this router's table is stale) is
+treated the same way. The table is also re-read between steps once it is `table_max_age_s` old,
+so re-placements and restarted hosts are picked up without a failure. When an expert has no live
 replica, dispatch waits for Ray to restart one, up to `restart_wait_s`, then raises
 ExpertUnavailableError naming the layer and expert. Retries live here and nowhere else.
 """
@@ -30,6 +33,7 @@ from router.expert_client import ExpertClient
 log = logging.getLogger(__name__)
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+STALE_ROUTE = grpc.StatusCode.FAILED_PRECONDITION  # the host does not serve that expert (any more)
 
 
 class ExpertUnavailableError(RuntimeError):
@@ -47,11 +51,12 @@ class DispatchConfig:
     call_timeout_s: float = 10.0  # deadline of one host call
     restart_wait_s: float = 30.0  # how long a layer waits for a replacement when no replica answers
     retry_interval_s: float = 0.2  # pause between routing-table refreshes while waiting
+    table_max_age_s: float = 1.0  # re-read the routing table between steps once it is this old
     max_message_bytes: int = 256 * 2**20
     tls: DispatchTls | None = None  # mutual TLS to the hosts; None: plaintext
 
     def __post_init__(self) -> None:
-        for name in ("call_timeout_s", "restart_wait_s", "retry_interval_s"):
+        for name in ("call_timeout_s", "restart_wait_s", "retry_interval_s", "table_max_age_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
 
@@ -92,6 +97,7 @@ class RemoteExperts:
         self.num_experts = num_experts
         self.cfg = cfg or DispatchConfig()
         self.table = fetch_table(False)
+        self.table_read_at = time.monotonic()
         self.clients: dict[str, ExpertClient] = {}
         self.outstanding: dict[str, int] = {}  # rows in flight per endpoint
 
@@ -101,7 +107,14 @@ class RemoteExperts:
 
     def submit(self, layer: int, hidden: Tensor, expert_ids: Tensor, weights: Tensor) -> PendingDispatch:
         """Send the layer's calls and return at once; `result()` collects (and retries) them."""
+        if layer == 0 and time.monotonic() - self.table_read_at > self.cfg.table_max_age_s:
+            self.refresh_table(False)  # between steps: every layer of a step routes by one table
         return PendingDispatch(self, layer, hidden, expert_ids, weights)
+
+    def refresh_table(self, probe: bool) -> None:
+        """Re-read the routing table; probe=True asks the controller to re-probe its hosts first."""
+        self.table = self.fetch_table(probe)
+        self.table_read_at = time.monotonic()
 
     def assign(self, layer: int, expert_ids: Tensor, todo: Tensor, failed: set[str]) -> dict[str, Tensor] | None:
         """Endpoint -> [T, K] mask of the slots it serves; None when some expert has no live replica.
@@ -156,6 +169,9 @@ class RemoteExperts:
     def _failure(self, layer: int, endpoint: str, expert_ids: Tensor, slots: Tensor, err: grpc.RpcError) -> str:
         code = err.code()
         experts = sorted(set(expert_ids[slots].tolist()))
+        if code == STALE_ROUTE:
+            log.info("layer %d experts %s moved off host %s; re-routing", layer, experts, endpoint)
+            return endpoint
         if code not in RETRYABLE:
             raise err  # a malformed request or a host bug: retrying elsewhere would not help
         log.warning("layer %d experts %s: host %s failed (%s); retrying on another replica",
@@ -170,7 +186,7 @@ class RemoteExperts:
             expert = self._orphan(layer, expert_ids, todo, failed)
             raise ExpertUnavailableError(layer, expert, self.cfg.restart_wait_s)
         time.sleep(self.cfg.retry_interval_s)
-        self.table = self.fetch_table(True)
+        self.refresh_table(True)
         failed.clear()  # endpoints in a fresh table are worth one more try
 
     def _orphan(self, layer: int, expert_ids: Tensor, todo: Tensor, failed: set[str]) -> int:
@@ -214,7 +230,7 @@ class PendingDispatch:
             newly_failed = backend.collect(self.layer, self.expert_ids, self.calls, self.out, self.todo)
             if newly_failed:
                 self.failed |= newly_failed
-                backend.table = backend.fetch_table(True)
+                backend.refresh_table(True)
             if not bool(self.todo.any()):
                 return self.out
             self.calls = self._send()
