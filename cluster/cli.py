@@ -21,6 +21,7 @@ from typing import NoReturn
 import grpc
 import torch
 
+from cluster.admin_commands import add_admin_commands
 from cluster.client import ClientConfig, build_request
 from cluster.client import generate as client_generate
 from cluster.controller import HostResources
@@ -82,6 +83,7 @@ def build_parser() -> Parser:
     _add_generate(commands)
     _add_serve(commands)
     add_planning_commands(commands, show=print, note=lambda text: print(text, file=sys.stderr))
+    add_admin_commands(commands, show=print, note=lambda text: print(text, file=sys.stderr))
     add_scale_command(commands, run=lambda args: run_scale(args, show=print))
     return parser
 
@@ -322,7 +324,7 @@ def run_serve(args: argparse.Namespace) -> int:
             print(f"moe-cluster: serving {model_dir.name} on {args.host}:{served.public.port} "
                   f"(metrics on :{args.metrics_port})", flush=True)
 
-        asyncio.run(serve(model, counting[0], tokenizer, cfg, info, healthy, ready))
+        asyncio.run(serve(model, counting[0], tokenizer, cfg, info, healthy, ready, cluster))
     finally:
         if cluster is not None:
             cluster.close()

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cluster.admin_commands import add_client_flags, export_live_load, window_seconds
 from cluster.capacity import CapacityConfig, plan_capacity, read_host_rate
 from cluster.deploy import LocalConfig
 from cluster.load import ExpertLoad, LoadFileError, MeasureConfig, measure_load, read_prompts
@@ -32,11 +33,15 @@ def add_planning_commands(commands: argparse._SubParsersAction[Any], show: Show,
 
 def _add_load(commands: argparse._SubParsersAction[Any]) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = commands.add_parser(
-        "load", help="measure rows per (layer, expert) by running a prompt file through the model here")
-    p.add_argument("--model", type=Path, required=True, help="model directory (config.json + safetensors)")
-    p.add_argument("--prompts", type=Path, required=True, metavar="FILE.jsonl",
-                   help='one {"prompt": ...}, {"token_ids": [...]} or {"messages": [...]} per line, '
+        "load", help="rows per (layer, expert): measured here on a prompt file, or exported from a running router")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--model", type=Path, help="model directory (config.json + safetensors): measure here")
+    where.add_argument("--server", metavar="HOST:PORT", help="export the live load of this router (Admin.GetLoad)")
+    p.add_argument("--prompts", type=Path, default=None, metavar="FILE.jsonl",
+                   help='with --model: one {"prompt": ...}, {"token_ids": [...]} or {"messages": [...]} per line, '
                    'optionally with "max_new_tokens"')
+    p.add_argument("--window", type=window_seconds, default=None, metavar="SECONDS",
+                   help="with --server: the rows of the last SECONDS (default 300; 0: since the router started)")
     p.add_argument("--out", type=Path, required=True, metavar="load.json", help="load file to write")
     p.add_argument("--max-new-tokens", type=_positive_int, default=1,
                    help="greedy tokens per prompt (1: count the prompt tokens only)")
@@ -45,6 +50,7 @@ def _add_load(commands: argparse._SubParsersAction[Any]) -> argparse.ArgumentPar
                    help="default: bfloat16 on a GPU, float32 on the CPU")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
     p.add_argument("--tokenizer", default=None, help="as for generate")
+    add_client_flags(p)
     return p
 
 
@@ -92,6 +98,14 @@ def _add_expert_size(p: argparse.ArgumentParser, required: bool) -> None:
 
 
 def run_load(args: argparse.Namespace, note: Show) -> int:
+    if args.server is not None:
+        if args.prompts is not None:
+            raise ValueError("moe-cluster load: --prompts is for --model (a router's load is what it served)")
+        return export_live_load(args, note)
+    if args.prompts is None:
+        raise ValueError("moe-cluster load: --model needs --prompts (the prompt file to run)")
+    if args.window is not None:
+        raise ValueError("moe-cluster load: --window is for --server (an offline run counts all of its prompts)")
     cfg = MeasureConfig(LocalConfig(args.model, dtype=args.dtype, device=args.device),
                         max_new_tokens=args.max_new_tokens, batch_size=args.batch, tokenizer=args.tokenizer)
     load = measure_load(read_prompts(args.prompts), cfg)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 from collections.abc import Callable
@@ -16,12 +17,16 @@ from typing import Any
 
 from prometheus_client import start_http_server
 
-from cluster.deploy import build_engine
+from cluster.deploy import ExpertCluster, build_engine
+from cluster.placement import PlacementError, PlacementPlan
+from cluster.rebalance import RebalanceError
 from mixtral.model import Mixtral
 from protos import router_pb2
+from router import admin
+from router.admin import AdminService, InvalidPlanError, PlacementControl, RebalanceRefusedError
 from router.api import GenerationService, PublicServer, ServerConfig, build_server
 from router.engine import EngineConfig
-from router.expert_load import CountingExperts
+from router.expert_load import CountingExperts, LoadWindow, LoadWindowConfig
 from router.kv_cache import CacheConfig
 from router.metrics import Metrics
 from router.scheduler import Scheduler, SchedulerConfig
@@ -41,6 +46,7 @@ class ServeConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     metrics_port: int | None = 9090  # None: no metrics endpoint
+    load_window: LoadWindowConfig = field(default_factory=LoadWindowConfig)  # Admin.GetLoad's snapshots
     grace_s: float = 30.0
     model_name: str = "mixtral"  # the model's name in KServe v2 requests (the model directory's name)
 
@@ -57,12 +63,17 @@ class Served:
     scheduler: Scheduler
     metrics: Metrics
     stop: asyncio.Event
+    load: LoadWindow
 
 
 async def serve(model: Mixtral, counting: CountingExperts, tokenizer: Tokenizer, cfg: ServeConfig,
                 info: router_pb2.ModelInfoResponse, is_healthy: Callable[[], bool],
-                on_ready: Callable[[Served], None] | None = None) -> None:
-    """Serve until SIGTERM/SIGINT (or `Served.stop` is set), then drain and return."""
+                on_ready: Callable[[Served], None] | None = None, cluster: ExpertCluster | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (or `Served.stop` is set), then drain and return.
+
+    `cluster`: the expert hosts (cluster backend), which Admin.GetPlacement and Rebalance act on;
+    None: the local backend, where they answer FAILED_PRECONDITION.
+    """
     scheduler = Scheduler(build_engine(model, cfg.cache, cfg.engine), cfg.scheduler)
     scheduler.start()
     metrics = Metrics()
@@ -73,9 +84,13 @@ async def serve(model: Mixtral, counting: CountingExperts, tokenizer: Tokenizer,
     from router.kserve import KServeService, add_to_server
 
     kserve = KServeService(generation, cfg.model_name, lambda: is_healthy() and not scheduler.is_draining)
-    public = await build_server(generation, cfg.server, extra=(add_to_server(kserve),))
+    load = LoadWindow(counting, cfg.load_window)
+    control = placement_control(cluster) if cluster is not None else None
+    admin_service = AdminService(load, model.config.num_experts_per_tok, control)
+    public = await build_server(generation, cfg.server, extra=(add_to_server(kserve),
+                                                               admin.add_to_server(admin_service)))
     http = start_http_server(cfg.metrics_port, registry=metrics.registry) if cfg.metrics_port is not None else None
-    served = Served(public, scheduler, metrics, asyncio.Event())
+    served = Served(public, scheduler, metrics, asyncio.Event(), load)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(RuntimeError, ValueError):  # not the main thread (tests): no signals
@@ -98,6 +113,7 @@ async def _watch(served: Served, counting: CountingExperts, is_healthy: Callable
             await served.public.set_serving(healthy)
             log.info("health: %s", "SERVING" if healthy else "NOT_SERVING")
         _update_gauges(served, counting)
+        served.load.sample()
         await asyncio.sleep(HEALTH_INTERVAL_S)
 
 
@@ -111,8 +127,27 @@ def _update_gauges(served: Served, counting: CountingExperts) -> None:
 
 
 def _nonzero(counting: CountingExperts) -> list[tuple[tuple[int, int], int]]:
-    rows = counting.rows.clone()
+    rows = counting.snapshot()
     return [((int(layer), int(expert)), int(rows[layer, expert])) for layer, expert in rows.nonzero().tolist()]
+
+
+def placement_control(cluster: ExpertCluster) -> PlacementControl:
+    """Admin's view of the expert hosts: the plan they serve, and re-placement with cluster errors
+    turned into the admin service's (a malformed plan: InvalidPlanError; one the hosts cannot reach:
+    RebalanceRefusedError)."""
+
+    def rebalance(plan_json: str, host_memory_bytes: int | None) -> str:
+        try:
+            plan = PlacementPlan.from_json(plan_json)
+            plan.validate()
+        except PlacementError as err:
+            raise InvalidPlanError(str(err)) from None
+        try:
+            return json.dumps(cluster.rebalance(plan, host_memory_bytes))
+        except RebalanceError as err:
+            raise RebalanceRefusedError(str(err)) from None
+
+    return PlacementControl(placement=lambda: cluster.placement().to_json(), rebalance=rebalance)
 
 
 async def _drain(served: Served, watcher: asyncio.Task[Any], grace_s: float, http: Any) -> None:

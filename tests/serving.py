@@ -178,12 +178,14 @@ def start_server(model_dir: Path | None = None, *, server: ServerConfig | None =
                  scheduler: SchedulerConfig | None = None, cache: CacheConfig | None = None,
                  engine: EngineConfig | None = None, grace_s: float = 10.0,
                  model: tuple[Mixtral, CountingExperts] | None = None, wrap: ExpertsWrapper | None = None,
-                 is_healthy: Callable[[], bool] = lambda: True, info: dict[str, Any] | None = None
-                 ) -> ServerHandle:
+                 is_healthy: Callable[[], bool] = lambda: True, info: dict[str, Any] | None = None,
+                 cluster: Any = None) -> ServerHandle:
     """Start `serve()` on 127.0.0.1, port 0, no metrics endpoint; returns once it is listening.
 
     `model`: an already loaded (model, counting) pair (the cluster backend); else `model_dir` is loaded
     here with the local backend (float32, CPU), experts wrapped in `wrap` then a CountingExperts.
+    `cluster`: what Admin.GetPlacement and Rebalance act on (an ExpertCluster, or a stand-in with its
+    `placement` and `rebalance`); None: they answer as on the local backend.
     """
     if model is None:
         assert model_dir is not None, "give model_dir or model"
@@ -205,7 +207,7 @@ def start_server(model_dir: Path | None = None, *, server: ServerConfig | None =
 
     def run() -> None:
         try:
-            asyncio.run(serve(loaded, counting, tokenizer, cfg, response, is_healthy, on_ready))
+            asyncio.run(serve(loaded, counting, tokenizer, cfg, response, is_healthy, on_ready, cluster))
         except BaseException as err:  # handed to the test through stop() / the start timeout
             errors.append(err)
             ready.set()
