@@ -3,9 +3,10 @@
 A load file is JSON:
 
     {"layers": L, "experts": E, "load": [[rows of expert 0..E-1] for layer 0..L-1],
-     "window_s": seconds the rows were gathered over (offline: the run's wall time),
+     "window_s": seconds the rows were gathered over (offline: the run's wall time; live: the
+                 exact length of the router's window, see router.expert_load.LoadWindow),
      "tokens": token positions through every layer,
-     "experts_per_token": K, "source": "offline" | ...}
+     "experts_per_token": K, "source": "offline" | "live" (`load --server`) | ...}
 
 A row is one (token, k) slot of the top-K gate, exactly what router.expert_load.CountingExperts
 counts, so sum(load[l]) == tokens * K in every layer. "window_s", "tokens" and "experts_per_token"
