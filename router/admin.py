@@ -63,7 +63,11 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def GetPlacement(self, request: admin_pb2.GetPlacementRequest, context: Any
                            ) -> admin_pb2.GetPlacementResponse:
         control = await self._control(context)
-        plan = await asyncio.get_running_loop().run_in_executor(None, control.placement)
+        try:
+            plan = await asyncio.get_running_loop().run_in_executor(None, control.placement)
+        except Exception as err:  # the controller is restarting or unreachable
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the controller did not answer ({type(err).__name__}: "
+                                f"{err}); retry shortly")
         return admin_pb2.GetPlacementResponse(plan_json=plan)
 
     async def Rebalance(self, request: admin_pb2.RebalanceRequest, context: Any) -> admin_pb2.RebalanceResponse:
@@ -84,6 +88,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         except RebalanceRefusedError as err:
             log.warning("re-placement refused: %s", err)
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+        except Exception as err:  # a host or the controller failed mid-way: the steps done so far stay served
+            log.error("re-placement failed: %s: %s", type(err).__name__, err)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"re-placement failed part-way ({type(err).__name__}: "
+                                f"{err}); the cluster serves the steps completed so far (GetPlacement shows them)")
         return admin_pb2.RebalanceResponse(report_json=report)
 
     async def _control(self, context: Any) -> PlacementControl:

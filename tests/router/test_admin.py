@@ -136,6 +136,7 @@ class StandInCluster:
         self.plan = PlacementPlan.round_robin(2, 4, 2)
         self.calls: list[tuple[PlacementPlan, int | None]] = []
         self.refusal: str | None = None
+        self.failure: Exception | None = None  # raised part-way, as a host lost during a step would
 
     def placement(self) -> PlacementPlan:
         return self.plan
@@ -144,6 +145,8 @@ class StandInCluster:
         self.calls.append((plan, host_memory_bytes))
         if self.refusal is not None:
             raise RebalanceError(self.refusal)
+        if self.failure is not None:
+            raise self.failure
         self.plan = plan
         return REPORT
 
@@ -271,6 +274,23 @@ def test_a_plan_the_hosts_refuse_is_failed_precondition_with_their_reason(
         cluster.refusal = None
 
     assert (err.code(), err.details()) == (grpc.StatusCode.FAILED_PRECONDITION, refusal)
+
+
+def test_a_replacement_failing_part_way_is_unavailable_and_serving_goes_on(
+        hosted: tuple[ServerHandle, StandInCluster]) -> None:
+    srv, cluster = hosted
+    cluster.failure = RuntimeError("host-1 died while loading layer 3")
+    try:
+        err = rpc_error(lambda: admin(srv).Rebalance(
+            admin_pb2.RebalanceRequest(plan_json=PlacementPlan.round_robin(2, 4, 2).to_json()), timeout=10,
+            metadata=AUTH))
+    finally:
+        cluster.failure = None
+
+    assert err.code() == grpc.StatusCode.UNAVAILABLE
+    assert "host-1 died while loading layer 3" in err.details() and "steps completed so far" in err.details()
+    answer = srv.stub().Generate(request([1, 5, 6], max_new_tokens=2), timeout=30, metadata=AUTH)
+    assert len(answer.token_ids) == 2
 
 
 @pytest.mark.parametrize("metadata", [None, [("authorization", "Bearer wrong")]])
