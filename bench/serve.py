@@ -12,7 +12,11 @@ new tokens, greedy, EOS ignored. Output tokens/s = C * new tokens / wall time of
   moe-local      `moe-cluster serve --backend local`, C concurrent streaming gRPC clients
   moe-cluster    `moe-cluster serve --backend cluster --hosts 2` (local Ray, 2 expert hosts)
   transformers   HF `generate` on the same checkpoint and prompts, batched
-  vllm, llama.cpp  where installed (see bench/README.md for the steps); otherwise skipped, said so
+  vllm           vLLM's CPU build, offline `LLM.generate`, in its own venv: set VLLM_PYTHON=<venv>/bin/python
+  llama.cpp      its `llama-batched-bench` tool (own random prompts of the same shape, decode-only speed in the
+                 note): set LLAMA_BENCH=<path to the tool> and LLAMA_GGUF_DIR=<dir holding <model>-bf16.gguf and
+                 <model>-f32.gguf>, used for bfloat16 and float32
+  Peers not installed (variables unset) give a row that says so; bench/README.md has the install steps.
 Writes bench/results/serve.json, serve.md and serve.png; progress on stderr.
 """
 
@@ -214,9 +218,32 @@ def vllm_row(model_dir: Path, dtype: str, work: Workload) -> Row:
     if not python:
         return Row("vLLM CPU", dtype, len(work.prompts), float("nan"), note="not installed: set VLLM_PYTHON")
     out = subprocess.run([python, str(script), str(model_dir), dtype, json.dumps(work.prompts), str(work.new_tokens)],
-                         capture_output=True, text=True, check=True, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "4"})
-    wall = float(out.stdout.strip().splitlines()[-1])
-    return Row("vLLM CPU", dtype, len(work.prompts), len(work.prompts) * work.new_tokens / wall, note="offline LLM")
+                         capture_output=True, text=True, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "4"})
+    match = re.search(r"^WALL_SECONDS (\S+)$", out.stdout, re.MULTILINE)
+    if out.returncode != 0 or not match:
+        tail = "\n".join((out.stdout + out.stderr).splitlines()[-15:])
+        raise RuntimeError(f"{script} exited {out.returncode} without a result:\n{tail}")
+    wall = float(match.group(1))
+    return Row("vLLM CPU", dtype, len(work.prompts), len(work.prompts) * work.new_tokens / wall,
+               note="offline LLM, its default CPU binding")
+
+
+def llamacpp_row(model_dir: Path, dtype: str, work: Workload) -> Row:
+    from peers import llamacpp_run
+
+    concurrency, tool, gguf_dir = len(work.prompts), os.environ.get("LLAMA_BENCH"), os.environ.get("LLAMA_GGUF_DIR")
+    if not tool or not gguf_dir:
+        return Row("llama.cpp", dtype, concurrency, float("nan"),
+                   note="not installed: set LLAMA_BENCH and LLAMA_GGUF_DIR (bench/README.md)")
+    gguf = llamacpp_run.gguf_path(Path(gguf_dir), model_dir, dtype)
+    if not gguf.exists():
+        return Row("llama.cpp", dtype, concurrency, float("nan"), note=f"no {gguf}: convert it (bench/README.md)")
+    threads = torch.get_num_threads()
+    r = llamacpp_run.run(Path(tool), gguf, threads, concurrency, len(work.prompts[0]), work.new_tokens)
+    return Row("llama.cpp", dtype, concurrency, concurrency * work.new_tokens / r["t"], ttft_p50_s=r["t_pp"],
+               itl_p50_s=r["t_tg"] / max(1, work.new_tokens - 1),
+               note=f"llama-batched-bench, {threads} threads, its own random prompts; ttft = whole prefill "
+                    f"({r['speed_pp']:.0f} prompt tok/s); decode alone {r['speed_tg']:.1f} tok/s")
 
 
 def run_all(args: argparse.Namespace) -> list[Row]:
@@ -249,7 +276,7 @@ def run_system(system: str, args: argparse.Namespace, dtype: str, work: Workload
     if system == "vllm":
         return vllm_row(args.model, dtype, work)
     if system == "llama.cpp":
-        return Row("llama.cpp", dtype, len(work.prompts), float("nan"), note="not run: see bench/README.md")
+        return llamacpp_row(args.model, dtype, work)
     raise ValueError(f"unknown system {system}")
 
 
@@ -294,8 +321,8 @@ def plot(rows: list[Row], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--quick", action="store_true", help="C = 1 and 8, 32 new tokens, float32 only")
-    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--quick", action="store_true", help="C = 1 and 8, 32 new tokens, float32 unless --dtype")
+    parser.add_argument("--dtype", nargs="+", help="default: float32 bfloat16")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -304,7 +331,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serve")
     args = parser.parse_args()
     if args.quick:
-        args.concurrency, args.new_tokens, args.dtype = [1, 8], 32, args.dtype[:1]
+        args.concurrency, args.new_tokens = [1, 8], 32
+    args.dtype = args.dtype or (["float32"] if args.quick else ["float32", "bfloat16"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = run_all(args)
     text = table(rows)

@@ -1,6 +1,8 @@
-"""Run the serving workload on vLLM's CPU build (in its own venv); prints the wall seconds last.
+"""Run the serving workload on vLLM's CPU build (in its own venv); prints `WALL_SECONDS <s>` on a line of its own.
 
-    VLLM_PYTHON=/opt/vllm-venv/bin/python .venv/bin/python bench/serve.py --model models/mini --systems vllm
+    VLLM_PYTHON=/work/peers/vllm/bin/python .venv/bin/python bench/serve.py --model models/mini --systems vllm
+
+vLLM logs to stdout too, and its shutdown messages come after the result: read the marked line, not the last.
 """
 
 import json
@@ -16,5 +18,9 @@ if __name__ == "__main__":  # vLLM starts worker processes that re-import this f
                             detokenize=False)
     llm.generate([TokensPrompt(prompt_token_ids=prompts[0][:8])], SamplingParams(max_tokens=2, detokenize=False))
     start = time.perf_counter()
-    llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
-    print(time.perf_counter() - start)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
+    wall = time.perf_counter() - start
+    counts = {len(o.outputs[0].token_ids) for o in outputs}
+    if len(outputs) != len(prompts) or counts != {new_tokens}:
+        sys.exit(f"vLLM gave {len(outputs)} outputs of {sorted(counts)} tokens, wanted {len(prompts)} of {new_tokens}")
+    print(f"\nWALL_SECONDS {wall}", flush=True)
