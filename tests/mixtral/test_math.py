@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mixtral.attention import build_metadata
-from mixtral.expert import BATCHED_MAX_ROWS, ExpertWeights, LayerExperts, expert_ffn, group_by_expert, moe_combine
+from mixtral.expert import ExpertWeights, LayerExperts, expert_ffn, group_by_expert, moe_combine
 from mixtral.gate import route
 
 
@@ -50,11 +50,11 @@ def test_moe_combine_equals_the_per_token_sum_of_its_experts() -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(tokens=st.integers(1, 3 * BATCHED_MAX_ROWS), held=st.sets(st.integers(0, 5), min_size=1),
+@given(tokens=st.integers(1, 96), held=st.sets(st.integers(0, 5), min_size=1),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
-def test_batched_and_looped_experts_agree(tokens: int, held: set[int], dtype: torch.dtype, seed: int) -> None:
-    """Decode-sized groups take the batched matmul, prefill-sized ones and partial sets the loop: both
-    must compute each token's weighted expert sum (a host holding some experts sees -1 for the rest)."""
+def test_a_hosts_experts_give_each_tokens_weighted_sum_over_the_experts_it_holds(
+        tokens: int, held: set[int], dtype: torch.dtype, seed: int) -> None:
+    """A host holding some of a layer's experts (stacked) sees -1 for the others' slots."""
     g = torch.Generator().manual_seed(seed)
     d, f, e = 16, 24, 6
     experts = LayerExperts.stack({i: ExpertWeights.from_checkpoint(
