@@ -79,37 +79,52 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def limit_row(model_dir: Path, dtype: str, concurrency: int, prompt_len: int, new_tokens: int) -> Row:
-    """Time the matmuls of the workload alone (weights of one layer reused: the shapes are what matter)."""
+    """Time the matmuls of the workload alone, on the checkpoint's own weights: every layer's and every
+    expert's distinct matrices, as an engine must read them (reusing one layer's would let the 32 MiB
+    L3 cache hold an expert, which no real step gets). Inputs are made before the clock starts."""
+    from mixtral.checkpoint import EMBED, LM_HEAD, Checkpoint, expert_tensor_names, layer_tensor_names
     from mixtral.config import ModelConfig
 
     c = ModelConfig.from_json(model_dir / "config.json")
+    checkpoint = Checkpoint(model_dir, c)
     dt = getattr(torch, dtype)
     d, f, e, k = c.hidden_size, c.intermediate_size, c.num_local_experts, c.num_experts_per_tok
-    w_qkv, w_o = torch.randn(c.q_size + 2 * c.kv_size, d, dtype=dt), torch.randn(d, c.q_size, dtype=dt)
-    w_gate, w13, w2 = torch.randn(e, d, dtype=dt), torch.randn(2 * f, d, dtype=dt), torch.randn(d, f, dtype=dt)
-    lm_head = torch.randn(c.vocab_size, d, dtype=dt)
+    layers = []
+    for layer in range(c.num_hidden_layers):
+        names = layer_tensor_names(c, layer)
+        t = checkpoint.load([names[n] for n in ("wq", "wk", "wv", "wo", "gate")], dt)
+        experts = []
+        for expert in range(e):
+            ex = expert_tensor_names(c, layer, expert)
+            w = checkpoint.load(ex.values(), dt)
+            experts.append((torch.cat((w[ex["w1"]], w[ex["w3"]])), w[ex["w2"]]))
+        layers.append((torch.cat([t[names[n]] for n in ("wq", "wk", "wv")]), t[names["wo"]], t[names["gate"]], experts))
+    head_name = EMBED if c.tie_word_embeddings else LM_HEAD
+    lm_head = checkpoint.load([head_name], dt)[head_name]
 
     def step(rows: int, head_rows: int) -> float:
-        x = torch.randn(rows, d, dtype=dt)
+        x, attn = torch.randn(rows, d, dtype=dt), torch.randn(rows, c.q_size, dtype=dt)
         active = min(e, rows * k)  # experts that receive rows: 2 at one row, all 8 from 4 rows on
         h = torch.randn(-(-rows * k // active), d, dtype=dt)  # rows per active expert, spread evenly
+        u = torch.randn(h.shape[0], f, dtype=dt)
+        head_in = torch.randn(head_rows, d, dtype=dt)
         start = time.perf_counter()
-        for _ in range(c.num_hidden_layers):
+        for w_qkv, w_o, w_gate, experts in layers:
             torch.nn.functional.linear(x, w_qkv)
-            torch.nn.functional.linear(torch.randn(rows, c.q_size, dtype=dt), w_o)
+            torch.nn.functional.linear(attn, w_o)
             torch.nn.functional.linear(x, w_gate)
-            for _ in range(active):
-                gate_up = torch.nn.functional.linear(h, w13)
-                torch.nn.functional.linear(gate_up[:, :f], w2)
-        torch.nn.functional.linear(torch.randn(head_rows, d, dtype=dt), lm_head)
+            for w13, w2 in experts[:active]:
+                torch.nn.functional.linear(h, w13)
+                torch.nn.functional.linear(u, w2)
+        torch.nn.functional.linear(head_in, lm_head)
         return time.perf_counter() - start
 
     step(concurrency, concurrency)  # warm-up
     prefill = min(step(concurrency * prompt_len, concurrency) for _ in range(2))
     decode = statistics.median(step(concurrency, concurrency) for _ in range(5))
-    total = prefill + new_tokens * decode
+    total = prefill + (new_tokens - 1) * decode  # the prefill yields the first token
     return Row("limit (matmuls alone)", dtype, concurrency, concurrency * new_tokens / total,
-               ttft_p50_s=prefill, itl_p50_s=decode, note="uniform expert load")
+               ttft_p50_s=prefill, itl_p50_s=decode, note="uniform expert load, the checkpoint's distinct weights")
 
 
 # --- moe-cluster over gRPC ---------------------------------------------------------------------------
