@@ -31,12 +31,16 @@ class ExpertHost:
         self.host_id = host_id
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         self.device = torch.device("cuda:0" if self.gpu_ids and torch.cuda.is_available() else "cpu")
-        torch.set_num_threads(_assigned_cpus())
+        # The shard loads on this thread with one torch thread; Dispatch computes on the servicer's worker
+        # with the CPUs Ray assigned (one OpenMP team per process: see ExpertServiceServicer).
+        threads = _assigned_cpus()
+        torch.set_num_threads(1)
         self.dtype = DTYPES[dtype]  # resolved by the router's config, so hosts and router agree
         config = ModelConfig.from_json(Path(model_dir) / "config.json")
         self.checkpoint = Checkpoint(Path(model_dir), config)
         shard = load_shard(self.checkpoint, _entries(entries), self.dtype, self.device)
-        self.servicer = servicer = ExpertServiceServicer(shard, config, host_id, self.dtype, self.device)
+        self.servicer = servicer = ExpertServiceServicer(shard, config, host_id, self.dtype, self.device,
+                                                                threads)
         self.address = ray.util.get_node_ip_address()
         # TLS files are paths on this node (a mounted Secret): keys never travel through Ray.
         tls = DispatchTls.from_files(Path(tls_files[0]), Path(tls_files[1]), Path(tls_files[2])) if tls_files else None

@@ -66,13 +66,17 @@ class ExpertServiceServicer(expert_pb2_grpc.ExpertServiceServicer):
     """Serves the (layer, expert) pairs of one shard; Dispatch runs on one worker thread, off the event loop."""
 
     def __init__(self, shard: ExpertShard, model: ModelConfig, host_id: str, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, threads: int | None = None) -> None:
+        """`threads`: torch threads of the worker that computes (None: the process's setting). Give it
+        when the caller loaded the shard on one thread: only one thread should run parallel torch ops,
+        as a second OpenMP team makes libgomp's workers sleep between ops."""
         _check_shard(shard, model, dtype)
         self._shard, self._model, self._host_id, self._dtype = shard, model, host_id, dtype
         self._device = _indexed(device)
         self._rows_served = torch.zeros(model.num_hidden_layers, model.num_local_experts, dtype=torch.int64)  # [L, E]
         # One thread: torch parallelises inside each op; the loop stays free for Describe and health.
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"expert-{host_id}")
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"expert-{host_id}",
+                                          initializer=lambda: _size_torch_pool(threads))
 
     async def Dispatch(self, request: expert_pb2.DispatchRequest, context: grpc.aio.ServicerContext
                        ) -> expert_pb2.DispatchResponse:
@@ -161,6 +165,11 @@ def _decoded(field: str, message: expert_pb2.Tensor) -> Tensor:
 
 def _invalid(message: str) -> NoReturn:
     raise _Rejected(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def _size_torch_pool(threads: int | None) -> None:
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 def _check_hosted(shard: ExpertShard, host_id: str, layer: int, expert_ids: Tensor) -> None:
