@@ -5,19 +5,25 @@ The single-process reference that the distributed backends must reproduce.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from torch import Tensor
 
 from experts.weights import ExpertShard
 from mixtral.block import Done
-from mixtral.expert import LayerExperts, group_by_expert, moe_combine
+from mixtral.expert import ExpertWeights, group_by_expert, moe_combine
 
 
 class InProcessExperts:
     """Runs each layer's experts locally on the rows routed to them."""
 
     def __init__(self, shard: ExpertShard, num_experts: int) -> None:
+        """Takes the shard over: its layers move into this backend (and `shard` is left empty), packed for
+        oneDNN where that is faster and exact (bf16 on the CPU), each original freed as its layer is packed."""
         self.num_experts = num_experts
-        self._layers: dict[int, LayerExperts] = dict(shard.layers)
+        self._layers: dict[int, Mapping[int, ExpertWeights]] = {}
+        for layer in list(shard.layers):
+            self._layers[layer] = shard.layers.pop(layer).pack_for_cpu()
 
     def __call__(self, layer: int, hidden: Tensor, expert_ids: Tensor, weights: Tensor) -> Tensor:
         """Weighted sum of each token's experts: hidden [T, D], expert_ids and weights [T, K] -> [T, D]."""

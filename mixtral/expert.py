@@ -22,10 +22,15 @@ from torch import Tensor
 
 @dataclass(frozen=True, slots=True)
 class ExpertWeights:
-    """One expert: w13 = cat(w1, w3) [2F, D], w2 [D, F]."""
+    """One expert: w13 = cat(w1, w3) [2F, D], w2 [D, F].
+
+    packed: the weights are in oneDNN's blocked layout (`pack_for_cpu`), usable only by oneDNN's
+    linear: same shapes, permuted contents.
+    """
 
     w13: Tensor
     w2: Tensor
+    packed: bool = False
 
     @classmethod
     def from_checkpoint(cls, w1: Tensor, w2: Tensor, w3: Tensor) -> ExpertWeights:
@@ -63,6 +68,21 @@ class LayerExperts(Mapping[int, ExpertWeights]):
         i = self._index[expert]
         return ExpertWeights(self.w13[i], self.w2[i])
 
+    def pack_for_cpu(self) -> Mapping[int, ExpertWeights]:
+        """The same experts in oneDNN's blocked layout, for a bfloat16 CPU backend that only computes
+        (unchanged otherwise).
+
+        Measured on the 2-core machine (bf16, [M, 1024] x [1024, 7168]): 1.35-1.5x faster than
+        F.linear at 1 to 16 rows, still faster at 512, and bit-identical. A packed weight may be an
+        opaque oneDNN tensor, so the result holds one tensor per weight, not stacks; it serves
+        `moe_combine` only.
+        """
+        if not _packs(self.w13):
+            return self
+        return {expert: ExpertWeights(torch.ops.mkldnn._reorder_linear_weight(self.w13[i], None),
+                                      torch.ops.mkldnn._reorder_linear_weight(self.w2[i], None), packed=True)
+                for i, expert in enumerate(self.ids)}
+
     def __iter__(self) -> Iterator[int]:
         return iter(self.ids)
 
@@ -76,8 +96,20 @@ class LayerExperts(Mapping[int, ExpertWeights]):
 
 def expert_ffn(x: Tensor, expert: ExpertWeights) -> Tensor:
     """SwiGLU expert on a group of rows: [T, D] -> [T, D]."""
-    gate, up = F.linear(x, expert.w13).chunk(2, dim=-1)  # [T, F] each
-    return F.linear(F.silu(gate) * up, expert.w2)
+    linear = _packed_linear if expert.packed else F.linear
+    gate, up = linear(x, expert.w13).chunk(2, dim=-1)  # [T, F] each
+    return linear(F.silu(gate) * up, expert.w2)
+
+
+def _packed_linear(x: Tensor, weight: Tensor) -> Tensor:
+    out: Tensor = torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, None, "none", [], "")
+    return out
+
+
+def _packs(weight: Tensor) -> bool:
+    """bfloat16 weights on a CPU whose torch has oneDNN (the only case measured to give equal bits)."""
+    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.numel() > 0
+            and torch.backends.mkldnn.is_available())  # type: ignore[no-untyped-call]
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,6 +75,23 @@ def _fp32(expert: ExpertWeights) -> ExpertWeights:
     return ExpertWeights(expert.w13.float(), expert.w2.float())
 
 
+def test_experts_packed_for_onednn_give_the_same_bf16_bits() -> None:
+    g = torch.Generator().manual_seed(3)
+    d, f, e = 64, 96, 4
+    experts = LayerExperts.stack({i: ExpertWeights.from_checkpoint(
+        *(torch.randn(*shape, generator=g).to(torch.bfloat16) for shape in ((f, d), (d, f), (f, d))))
+        for i in range(e)})
+    packed = experts.pack_for_cpu()
+    assert all(packed[i].packed for i in range(e)) and not experts[2].packed
+    for tokens in (1, 5, 40):
+        hidden = torch.randn(tokens, d, generator=g).to(torch.bfloat16)
+        weights, ids = route(torch.randn(tokens, e, generator=g), 2)
+        groups = group_by_expert(ids, weights, e)
+        assert torch.equal(moe_combine(hidden, groups, packed), moe_combine(hidden, groups, experts))
+    fp32 = LayerExperts.stack({0: _fp32(experts[0])})
+    assert fp32.pack_for_cpu() is fp32  # float32 stays as it is (packing changes its bits)
+
+
 def test_layer_experts_are_views_of_one_stack() -> None:
     w13, w2 = torch.randn(3, 8, 4), torch.randn(3, 4, 4)
     experts = LayerExperts([1, 4, 6], w13, w2)
