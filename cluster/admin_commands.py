@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 import ray
 
+from cluster.arguments import positive_float, positive_int
 from cluster.client import ClientConfig, open_channel
 from cluster.deploy import ClusterConfig, connect_ray, rebalance_controller
 from cluster.load import ExpertLoad
@@ -50,7 +51,7 @@ def add_client_flags(p: argparse.ArgumentParser) -> None:
     client.add_argument("--client-cert", type=Path, default=None, help="client certificate (PEM) for mTLS")
     client.add_argument("--client-key", type=Path, default=None, help="client key (PEM) for mTLS")
     client.add_argument("--auth-token-file", type=Path, default=None, help="file holding the bearer token")
-    client.add_argument("--timeout", type=_positive_float, default=600.0, metavar="SECONDS",
+    client.add_argument("--timeout", type=positive_float, default=600.0, metavar="SECONDS",
                         help="deadline of the call")
 
 
@@ -63,7 +64,7 @@ def _add_rebalance(commands: argparse._SubParsersAction[Any]) -> argparse.Argume
     where.add_argument("--ray-address", metavar="ADDR", help="through the controller actor of this Ray cluster")
     p.add_argument("--controller", default=CLUSTER_DEFAULTS["name"], help="the controller actor's name (--ray-address)")
     p.add_argument("--namespace", default=CLUSTER_DEFAULTS["namespace"], help="its Ray namespace (--ray-address)")
-    p.add_argument("--host-memory", type=_positive_int, default=None, metavar="BYTES",
+    p.add_argument("--host-memory", type=positive_int, default=None, metavar="BYTES",
                    help="expert-weight budget of each host during the move (default: unlimited)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     add_client_flags(p)
@@ -165,26 +166,6 @@ def _rpc_failed(err: grpc.RpcError, note: Show) -> int:
         raise ValueError(f"{code.name}: {err.details()}") from None
     note(f"moe-cluster: failed: {code.name}: {err.details()}")
     return EXIT_FAILURE
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"{value} must be a positive number")
-    return value
 
 
 def window_seconds(text: str) -> float:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.admin_commands import add_client_flags, export_live_load, window_seconds
+from cluster.arguments import count, positive_float, positive_int
 from cluster.capacity import CapacityConfig, plan_capacity, read_host_rate
 from cluster.deploy import LocalConfig
 from cluster.load import ExpertLoad, LoadFileError, MeasureConfig, measure_load, read_prompts
@@ -43,9 +44,9 @@ def _add_load(commands: argparse._SubParsersAction[Any]) -> argparse.ArgumentPar
     p.add_argument("--window", type=window_seconds, default=None, metavar="SECONDS",
                    help="with --server: the rows of the last SECONDS (default 300; 0: since the router started)")
     p.add_argument("--out", type=Path, required=True, metavar="load.json", help="load file to write")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=1,
+    p.add_argument("--max-new-tokens", type=positive_int, default=1,
                    help="greedy tokens per prompt (1: count the prompt tokens only)")
-    p.add_argument("--batch", type=_positive_int, default=8, help="prompts run together")
+    p.add_argument("--batch", type=positive_int, default=8, help="prompts run together")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="default: bfloat16 on a GPU, float32 on the CPU")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
@@ -59,10 +60,10 @@ def _add_plan(commands: argparse._SubParsersAction[Any]) -> argparse.ArgumentPar
         "plan", help="place experts on hosts from a load file: replicate hot experts, balance every layer")
     p.add_argument("--load", type=Path, required=True, metavar="load.json", help="from `moe-cluster load`")
     _add_expert_size(p, required=True)
-    p.add_argument("--hosts", type=_positive_int, required=True, help="expert hosts")
-    p.add_argument("--host-memory", type=_positive_int, default=None, metavar="BYTES",
+    p.add_argument("--hosts", type=positive_int, required=True, help="expert hosts")
+    p.add_argument("--host-memory", type=positive_int, default=None, metavar="BYTES",
                    help="expert-weight budget of each host (default: unlimited)")
-    p.add_argument("--spare-slots", type=_count, default=0, metavar="K",
+    p.add_argument("--spare-slots", type=count, default=0, metavar="K",
                    help="up to K replicas per layer beyond one per expert, used where they help")
     p.add_argument("--out", type=Path, required=True, metavar="plan.json", help="plan to write (for --plan)")
     p.add_argument("--plot", type=Path, default=None, metavar="PLAN.png",
@@ -75,14 +76,14 @@ def _add_capacity(commands: argparse._SubParsersAction[Any]) -> argparse.Argumen
     p: argparse.ArgumentParser = commands.add_parser(
         "capacity", help="how many hosts, with which replicas, serve a target rate of tokens per second")
     p.add_argument("--load", type=Path, required=True, metavar="load.json", help="from `moe-cluster load`")
-    p.add_argument("--target-tokens-per-s", type=_positive_float, required=True, metavar="X")
+    p.add_argument("--target-tokens-per-s", type=positive_float, required=True, metavar="X")
     p.add_argument("--measured", type=Path, required=True, metavar="bench.json",
                    help='bench/dispatch.py JSON (its "in-process" rows) or {"host_rows_per_s": R}')
-    p.add_argument("--spare-slots", type=_count, default=None, metavar="K",
+    p.add_argument("--spare-slots", type=count, default=None, metavar="K",
                    help="replicas per layer beyond one per expert (default: as many as hosts)")
-    p.add_argument("--max-hosts", type=_positive_int, default=256, help="give up beyond this many hosts")
+    p.add_argument("--max-hosts", type=positive_int, default=256, help="give up beyond this many hosts")
     _add_expert_size(p, required=False)
-    p.add_argument("--host-memory", type=_positive_int, default=None, metavar="BYTES",
+    p.add_argument("--host-memory", type=positive_int, default=None, metavar="BYTES",
                    help="expert-weight budget of each host (needs --model or --expert-bytes)")
     p.add_argument("--out", type=Path, default=None, metavar="plan.json", help="also write the chosen plan")
     p.add_argument("--json", action="store_true", help="print the answer as one JSON object")
@@ -92,7 +93,7 @@ def _add_capacity(commands: argparse._SubParsersAction[Any]) -> argparse.Argumen
 def _add_expert_size(p: argparse.ArgumentParser, required: bool) -> None:
     size = p.add_mutually_exclusive_group(required=required)
     size.add_argument("--model", type=Path, help="model directory: expert size from its config.json and --dtype")
-    size.add_argument("--expert-bytes", type=_positive_int, default=None, metavar="N",
+    size.add_argument("--expert-bytes", type=positive_int, default=None, metavar="N",
                       help="bytes of one (layer, expert)'s weights")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="serving dtype (with --model)")
 
@@ -165,30 +166,3 @@ def _expert_bytes(args: argparse.Namespace, load: ExpertLoad) -> int:
         raise LoadFileError(f"{args.load} has {load.num_layers} layers x {load.num_experts} experts; "
                             f"{args.model} has {shape[0]} x {shape[1]}")
     return config.expert_num_params * DTYPES[args.dtype].itemsize
-
-
-def _positive_int(text: str) -> int:
-    value = _count(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must not be negative")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{value} must be a positive number")
-    return value
