@@ -18,7 +18,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,16 @@ from typing import Any
 import grpc
 from torch import Tensor
 
-from cluster.deploy import ExpertsWrapper, LocalConfig, load_local_model
+from cluster.controller import HostResources
+from cluster.deploy import (
+    ClusterConfig,
+    ExpertCluster,
+    ExpertsWrapper,
+    LocalConfig,
+    build_engine,
+    load_cluster_model,
+    load_local_model,
+)
 from cluster.serve import ServeConfig, Served, serve
 from mixtral.block import Experts, PendingExperts
 from mixtral.config import ModelConfig
@@ -36,6 +47,7 @@ from router.api import ServerConfig, merge_response
 from router.engine import EngineConfig
 from router.expert_load import CountingExperts
 from router.kv_cache import CacheConfig, KVCache
+from router.sampler import SamplingParams
 from router.scheduler import Scheduler, SchedulerConfig
 from router.tokenizer import Tokenizer, load_tokenizer
 
@@ -218,6 +230,40 @@ def start_server(model_dir: Path | None = None, *, server: ServerConfig | None =
         raise AssertionError(f"the server did not start within {START_TIMEOUT_S:.0f} s: {errors!r}")
     served: Served = state["served"]
     return ServerHandle(served.public.port, served, loaded, counting, tokenizer, cfg, state["loop"], thread, errors)
+
+
+@contextmanager
+def serve_on_cluster(model_dir: Path, name: str, replicas: int, num_slots: int,
+                     wrap: ExpertsWrapper | None = None) -> Iterator[tuple[ServerHandle, ExpertCluster]]:
+    """`serve()` on a loopback port over 2 expert hosts (1 CPU each, float32) on the session's Ray cluster;
+    the experts counted by a CountingExperts around `wrap(experts)`. Stops both at the end."""
+    config = ModelConfig.from_json(model_dir / "config.json")
+    counting: list[CountingExperts] = []
+
+    def counted(experts: Experts) -> Experts:
+        inner = wrap(experts) if wrap is not None else experts
+        counting.append(CountingExperts(inner, config.num_hidden_layers, config.num_local_experts))
+        return counting[0]
+
+    cfg = ClusterConfig(model_dir, num_hosts=2, replicas=replicas, dtype="float32", device="cpu",
+                        hosts=HostResources(num_cpus=1), name=f"{name}-{uuid.uuid4().hex[:8]}")
+    model, cluster = load_cluster_model(cfg, counted)
+    with cluster:
+        srv = start_server(model=(model, counting[0]), is_healthy=cluster.is_serving,
+                           cache=CacheConfig(num_slots=num_slots, max_seq_len=128),
+                           info=dict(backend="cluster", num_hosts=2, replicas=replicas))
+        try:
+            yield srv, cluster
+        finally:
+            srv.stop()
+
+
+def generated_alone(model_dir: Path, prompts: Sequence[Sequence[int]], new_tokens: int) -> list[list[int]]:
+    """Each prompt's greedy tokens generated on its own, every expert in this process (float32)."""
+    model = load_local_model(LocalConfig(model_dir, dtype="float32", device="cpu"))
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    return [build_engine(model, CacheConfig(num_slots=1, max_seq_len=len(p) + new_tokens), EngineConfig())
+            .generate([p], [params])[0].token_ids for p in prompts]
 
 
 # --- the real `moe-cluster serve` process ----------------------------------------------------------

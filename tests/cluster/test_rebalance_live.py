@@ -13,7 +13,6 @@ import os
 import signal
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,24 +20,19 @@ from typing import Any
 import grpc
 import pytest
 
-from cluster.controller import HostResources
-from cluster.deploy import ClusterConfig, ExpertCluster, LocalConfig, build_engine, load_cluster_model, load_local_model
+from cluster.deploy import ExpertCluster
 from cluster.placement import HostPlan, PlacementPlan
 from cluster.rebalance import RebalanceError
 from mixtral.block import Experts
 from mixtral.config import ModelConfig
 from protos import expert_pb2, expert_pb2_grpc, router_pb2
-from router.engine import EngineConfig
-from router.expert_load import CountingExperts
-from router.kv_cache import CacheConfig
-from router.sampler import SamplingParams
 from tests.raynodes import RayNodes
-from tests.serving import ServerHandle, SlowExperts, merge, request, start_server
+from tests.serving import ServerHandle, SlowExperts, generated_alone, merge, request, serve_on_cluster
 
 pytestmark = pytest.mark.slow
 
 STREAMS = 16
-NEW_TOKENS = 40
+NEW_TOKENS = 80  # about 5 s of steps: longer than the re-placement (its drop waits 2 s to settle)
 PROMPTS = [[1, *range(300 + 37 * i, 300 + 37 * i + 3 + i % 7)] for i in range(STREAMS)]
 LAYER_DELAY_S = 0.03  # steps of about 60 ms: the streams outlast the re-placement
 TARGET = {"host-0": [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 2)], "host-1": [(1, 0), (1, 1), (1, 3)]}
@@ -46,33 +40,17 @@ TARGET = {"host-0": [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 2)], "host-1": 
 
 @pytest.fixture(scope="module")
 def served(ray_cluster: RayNodes, tiny_checkpoint: Path) -> Iterator[tuple[ServerHandle, ExpertCluster]]:
-    config = ModelConfig.from_json(tiny_checkpoint / "config.json")
-    counting: list[CountingExperts] = []
+    def slow(experts: Experts) -> Experts:
+        return SlowExperts(experts, LAYER_DELAY_S)
 
-    def wrap(experts: Experts) -> Experts:
-        counting.append(CountingExperts(SlowExperts(experts, LAYER_DELAY_S), config.num_hidden_layers,
-                                        config.num_local_experts))
-        return counting[0]
-
-    cfg = ClusterConfig(tiny_checkpoint, num_hosts=2, replicas=1, dtype="float32", device="cpu",
-                        hosts=HostResources(num_cpus=1), name=f"rebalance-{uuid.uuid4().hex[:8]}")
-    model, cluster = load_cluster_model(cfg, wrap)
-    with cluster:
-        srv = start_server(model=(model, counting[0]), is_healthy=cluster.is_serving,
-                           cache=CacheConfig(num_slots=STREAMS, max_seq_len=128),
-                           info=dict(backend="cluster", num_hosts=2, replicas=1))
-        try:
-            yield srv, cluster
-        finally:
-            srv.stop()
+    with serve_on_cluster(tiny_checkpoint, "rebalance", replicas=1, num_slots=STREAMS, wrap=slow) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
 def undisturbed(tiny_checkpoint: Path) -> list[list[int]]:
-    model = load_local_model(LocalConfig(tiny_checkpoint, dtype="float32", device="cpu"))
-    params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
-    return [build_engine(model, CacheConfig(num_slots=1, max_seq_len=64), EngineConfig()).generate([p], [params])[0]
-            .token_ids for p in PROMPTS]
+    """Each prompt alone, every expert in this process."""
+    return generated_alone(tiny_checkpoint, PROMPTS, NEW_TOKENS)
 
 
 def target_plan() -> PlacementPlan:

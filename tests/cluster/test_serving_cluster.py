@@ -11,7 +11,6 @@ import os
 import signal
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,17 +19,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import generate_latest
 
-from cluster.controller import HostResources
-from cluster.deploy import ClusterConfig, ExpertCluster, LocalConfig, build_engine, load_cluster_model, load_local_model
-from mixtral.block import Experts
-from mixtral.config import ModelConfig
+from cluster.deploy import ExpertCluster
 from protos import router_pb2
-from router.engine import EngineConfig
-from router.expert_load import CountingExperts
-from router.kv_cache import CacheConfig
-from router.sampler import SamplingParams
 from tests.raynodes import RayNodes
-from tests.serving import ServerHandle, merge, request, start_server
+from tests.serving import ServerHandle, generated_alone, merge, request, serve_on_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -42,33 +34,14 @@ PROMPTS = [[1, *range(200 + 53 * i, 200 + 53 * i + 2 + i % 9)] for i in range(ST
 
 @pytest.fixture(scope="module")
 def served_cluster(ray_cluster: RayNodes, tiny_checkpoint: Path) -> Iterator[tuple[ServerHandle, ExpertCluster]]:
-    config = ModelConfig.from_json(tiny_checkpoint / "config.json")
-    counting: list[CountingExperts] = []
-
-    def wrap(experts: Experts) -> Experts:
-        counting.append(CountingExperts(experts, config.num_hidden_layers, config.num_local_experts))
-        return counting[0]
-
-    cfg = ClusterConfig(tiny_checkpoint, num_hosts=2, replicas=2, dtype="float32", device="cpu",
-                        hosts=HostResources(num_cpus=1), name=f"serving-{uuid.uuid4().hex[:8]}")
-    model, cluster = load_cluster_model(cfg, wrap)
-    with cluster:
-        srv = start_server(model=(model, counting[0]), is_healthy=cluster.is_serving,
-                           cache=CacheConfig(num_slots=STREAMS, max_seq_len=128),
-                           info=dict(backend="cluster", num_hosts=2, replicas=2))
-        try:
-            yield srv, cluster
-        finally:
-            srv.stop()
+    with serve_on_cluster(tiny_checkpoint, "serving", replicas=2, num_slots=STREAMS) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
 def undisturbed(tiny_checkpoint: Path) -> list[list[int]]:
     """Each prompt alone, every expert in this process."""
-    model = load_local_model(LocalConfig(tiny_checkpoint, dtype="float32", device="cpu"))
-    params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
-    return [build_engine(model, CacheConfig(num_slots=1, max_seq_len=64), EngineConfig()).generate([p], [params])[0]
-            .token_ids for p in PROMPTS]
+    return generated_alone(tiny_checkpoint, PROMPTS, NEW_TOKENS)
 
 
 def test_model_info_and_health_describe_the_cluster(served_cluster: tuple[ServerHandle, ExpertCluster]) -> None:
