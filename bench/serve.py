@@ -87,6 +87,7 @@ def limit_row(model_dir: Path, dtype: str, concurrency: int, prompt_len: int, ne
     bf16, 2.5-4x in fp32), each phase timed with the faster: the best an engine on torch's kernels does."""
     from mixtral.checkpoint import Checkpoint
     from mixtral.config import ModelConfig
+    from mixtral.linear import pack, packed_linear
 
     c = ModelConfig.from_json(model_dir / "config.json")
     checkpoint = Checkpoint(model_dir, c)
@@ -95,7 +96,7 @@ def limit_row(model_dir: Path, dtype: str, concurrency: int, prompt_len: int, ne
     plain = _limit_weights(checkpoint, c, dt)
     packed = [(pack(qkv), pack(o), pack(gate), [(pack(a), pack(b)) for a, b in experts])
               for qkv, o, gate, experts in plain[0]], pack(plain[1])
-    kernels = ((plain, torch.nn.functional.linear), (packed, _packed_linear))
+    kernels = ((plain, torch.nn.functional.linear), (packed, packed_linear))
 
     def step(rows: int, head_rows: int, weights: Any, linear: Any) -> float:
         layers, lm_head = weights
@@ -141,15 +142,6 @@ def _limit_weights(checkpoint: Any, c: Any, dt: torch.dtype) -> tuple[list[Any],
         layers.append((torch.cat([t[names[n]] for n in ("wq", "wk", "wv")]), t[names["wo"]], t[names["gate"]], experts))
     head_name = EMBED if c.tie_word_embeddings else LM_HEAD
     return layers, checkpoint.load([head_name], dt)[head_name]
-
-
-def pack(weight: torch.Tensor) -> torch.Tensor:
-    """A weight in oneDNN's blocked layout (usable by _packed_linear only)."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight, None)
-
-
-def _packed_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
 
 
 # --- moe-cluster over gRPC ---------------------------------------------------------------------------

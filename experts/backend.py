@@ -5,13 +5,11 @@ The single-process reference that the distributed backends must reproduce.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from torch import Tensor
 
 from experts.weights import ExpertShard
 from mixtral.block import Done
-from mixtral.expert import ExpertWeights, group_by_expert, moe_combine
+from mixtral.expert import HeldExperts, group_by_expert, moe_combine
 
 
 class InProcessExperts:
@@ -19,9 +17,9 @@ class InProcessExperts:
 
     def __init__(self, shard: ExpertShard, num_experts: int) -> None:
         """Takes the shard over: its layers move into this backend (and `shard` is left empty), packed for
-        oneDNN where that is faster and exact (bf16 on the CPU), each original freed as its layer is packed."""
+        oneDNN where that is faster and exact (`mixtral.linear`; `load_shard` already packs what it loads)."""
         self.num_experts = num_experts
-        self._layers: dict[int, Mapping[int, ExpertWeights]] = {}
+        self._layers: dict[int, HeldExperts] = {}
         for layer in list(shard.layers):
             self._layers[layer] = shard.layers.pop(layer).pack_for_cpu()
 

@@ -9,23 +9,24 @@ from dataclasses import dataclass
 import torch
 
 from mixtral.checkpoint import Checkpoint, expert_tensor_names
-from mixtral.expert import ExpertWeights, LayerExperts
+from mixtral.expert import ExpertWeights, HeldExperts, LayerExperts, PackedExperts
+from mixtral.linear import pack, packs_for
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class ExpertShard:
-    """Weights of the (layer, expert) pairs a host serves, stacked per layer."""
+    """Weights of the (layer, expert) pairs a host serves, per layer: stacked, or packed for a CPU."""
 
-    layers: dict[int, LayerExperts]
+    layers: dict[int, HeldExperts]
 
     @property
     def experts(self) -> dict[tuple[int, int], ExpertWeights]:
-        """(layer, expert) -> that expert's weights (views into its layer's stacks)."""
+        """(layer, expert) -> that expert's weights (views into its layer's stacks, or its packed weights)."""
         return {(layer, expert): held[expert] for layer, held in sorted(self.layers.items()) for expert in held}
 
-    def layer(self, layer: int) -> LayerExperts:
+    def layer(self, layer: int) -> HeldExperts:
         """The experts hosted for `layer` (empty when none are)."""
         return self.layers.get(layer) or LayerExperts.stack({})
 
@@ -42,8 +43,9 @@ def all_experts(checkpoint: Checkpoint) -> list[tuple[int, int]]:
 
 def load_shard(checkpoint: Checkpoint, entries: Iterable[tuple[int, int]], dtype: torch.dtype,
                device: str | torch.device = "cpu") -> ExpertShard:
-    """Load only the listed (layer, expert) tensors into per-layer stacks, one expert at a time, so the
-    peak is the stacks plus one expert."""
+    """Load only the listed (layer, expert) tensors, one expert at a time: into per-layer stacks, or, for
+    bfloat16 on a CPU, packed for oneDNN (`mixtral.linear`: same bits, faster). The peak is the shard
+    plus one expert."""
     by_layer: dict[int, list[int]] = {}
     for layer, expert in sorted(set(entries)):
         by_layer.setdefault(layer, []).append(expert)
@@ -71,7 +73,9 @@ def reload_shard(checkpoint: Checkpoint, shard: ExpertShard, entries: Iterable[t
 
 
 def _load_layer(checkpoint: Checkpoint, layer: int, ids: list[int], dtype: torch.dtype,
-                device: str | torch.device) -> LayerExperts:
+                device: str | torch.device) -> HeldExperts:
+    if packs_for(dtype, device):
+        return _load_packed_layer(checkpoint, layer, ids, dtype)
     cfg = checkpoint.config
     hidden, ffn = cfg.hidden_size, cfg.intermediate_size
     w13 = torch.empty(len(ids), 2 * ffn, hidden, dtype=dtype, device=device)  # [N, 2F, D]
@@ -83,3 +87,15 @@ def _load_layer(checkpoint: Checkpoint, layer: int, ids: list[int], dtype: torch
         w13[i, ffn:].copy_(t[names["w3"]])
         w2[i].copy_(t[names["w2"]])
     return LayerExperts(ids, w13, w2)
+
+
+def _load_packed_layer(checkpoint: Checkpoint, layer: int, ids: list[int], dtype: torch.dtype) -> PackedExperts:
+    """Each expert read and packed on its own: no stack of the layer is ever built beside the packed copy."""
+    experts, num_bytes = {}, 0
+    for expert in ids:
+        names = expert_tensor_names(checkpoint.config, layer, expert)
+        t = checkpoint.load(names.values(), dtype, copy=False)
+        plain = ExpertWeights.from_checkpoint(t[names["w1"]], t[names["w2"]], t[names["w3"]])
+        experts[expert] = ExpertWeights(pack(plain.w13), pack(plain.w2), packed=True)
+        num_bytes += plain.num_bytes
+    return PackedExperts(experts, num_bytes)

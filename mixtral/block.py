@@ -18,6 +18,7 @@ from torch import Tensor
 from mixtral.attention import AttentionMetadata, attend
 from mixtral.config import ModelConfig
 from mixtral.gate import route
+from mixtral.linear import Projection
 from mixtral.rope import apply_rope
 
 
@@ -60,8 +61,8 @@ class LayerWeights:
 
     input_norm: Tensor  # [D]
     post_attention_norm: Tensor  # [D]
-    wqkv: Tensor  # [H*Dh + 2*Hkv*Dh, D]: q_proj, k_proj, v_proj stacked
-    wo: Tensor  # [D, H*Dh]
+    wqkv: Projection  # [H*Dh + 2*Hkv*Dh, D]: q_proj, k_proj, v_proj stacked
+    wo: Projection  # [D, H*Dh]
     gate: Tensor | None  # [E, D]; None for a dense model
 
 
@@ -98,13 +99,13 @@ class DecoderLayer:
     def _attention(self, h: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
                    meta: AttentionMetadata) -> Tensor:
         cfg = self.config
-        qkv = F.linear(h, self.weights.wqkv)  # [T, H*Dh + 2*Hkv*Dh]
+        qkv = self.weights.wqkv(h)  # [T, H*Dh + 2*Hkv*Dh]
         q, k, v = torch.split(qkv, [cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         tokens = h.shape[0]
         q = apply_rope(q.reshape(tokens, cfg.num_attention_heads, cfg.head_size), cos, sin)  # [T, H, Dh]
         k = apply_rope(k.reshape(tokens, cfg.num_key_value_heads, cfg.head_size), cos, sin)  # [T, Hkv, Dh]
         v = v.reshape(tokens, cfg.num_key_value_heads, cfg.head_size)
-        return F.linear(attend(q, k, v, k_cache, v_cache, meta), self.weights.wo)
+        return self.weights.wo(attend(q, k, v, k_cache, v_cache, meta))
 
     def _gate(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """Expert ids [T, K] and weights [T, K] (float32) of each token."""

@@ -19,13 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mixtral.linear import pack, packed_linear, packs
+
 
 @dataclass(frozen=True, slots=True)
 class ExpertWeights:
     """One expert: w13 = cat(w1, w3) [2F, D], w2 [D, F].
 
-    packed: the weights are in oneDNN's blocked layout (`pack_for_cpu`), usable only by oneDNN's
-    linear: same shapes, permuted contents.
+    packed: the weights are in oneDNN's blocked layout (`mixtral.linear.pack`), usable only by
+    `packed_linear`.
     """
 
     w13: Tensor
@@ -68,20 +70,12 @@ class LayerExperts(Mapping[int, ExpertWeights]):
         i = self._index[expert]
         return ExpertWeights(self.w13[i], self.w2[i])
 
-    def pack_for_cpu(self) -> Mapping[int, ExpertWeights]:
-        """The same experts in oneDNN's blocked layout, for a bfloat16 CPU backend that only computes
-        (unchanged otherwise).
-
-        Measured on the 2-core machine (bf16, [M, 1024] x [1024, 7168]): 1.35-1.5x faster than
-        F.linear at 1 to 16 rows, still faster at 512, and bit-identical. A packed weight may be an
-        opaque oneDNN tensor, so the result holds one tensor per weight, not stacks; it serves
-        `moe_combine` only.
-        """
-        if not _packs(self.w13):
+    def pack_for_cpu(self) -> LayerExperts | PackedExperts:
+        """The same experts packed for oneDNN where that is faster and exact (`mixtral.linear`), else self."""
+        if not packs(self.w13):
             return self
-        return {expert: ExpertWeights(torch.ops.mkldnn._reorder_linear_weight(self.w13[i], None),
-                                      torch.ops.mkldnn._reorder_linear_weight(self.w2[i], None), packed=True)
-                for i, expert in enumerate(self.ids)}
+        return PackedExperts({expert: ExpertWeights(pack(self.w13[i]), pack(self.w2[i]), packed=True)
+                              for i, expert in enumerate(self.ids)}, self.num_bytes)
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.ids)
@@ -94,22 +88,39 @@ class LayerExperts(Mapping[int, ExpertWeights]):
         return self.w13.numel() * self.w13.element_size() + self.w2.numel() * self.w2.element_size()
 
 
+class PackedExperts(Mapping[int, ExpertWeights]):
+    """The experts of one layer with every weight packed for oneDNN (`mixtral.linear.pack`): one tensor
+    per weight, as packed tensors are opaque and do not stack. Serves `moe_combine` only.
+    """
+
+    def __init__(self, experts: Mapping[int, ExpertWeights], num_bytes: int) -> None:
+        """`num_bytes`: the experts' size unpacked (the packed layout is the same data, reordered)."""
+        self.ids = tuple(sorted(experts))
+        self._experts = dict(experts)
+        self.num_bytes = num_bytes
+
+    def __getitem__(self, expert: int) -> ExpertWeights:
+        return self._experts[expert]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def pack_for_cpu(self) -> PackedExperts:
+        return self
+
+
+HeldExperts = LayerExperts | PackedExperts
+"""The experts of one layer that a process holds: stacked, or packed for a CPU."""
+
+
 def expert_ffn(x: Tensor, expert: ExpertWeights) -> Tensor:
     """SwiGLU expert on a group of rows: [T, D] -> [T, D]."""
-    linear = _packed_linear if expert.packed else F.linear
+    linear = packed_linear if expert.packed else F.linear
     gate, up = linear(x, expert.w13).chunk(2, dim=-1)  # [T, F] each
     return linear(F.silu(gate) * up, expert.w2)
-
-
-def _packed_linear(x: Tensor, weight: Tensor) -> Tensor:
-    out: Tensor = torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, None, "none", [], "")
-    return out
-
-
-def _packs(weight: Tensor) -> bool:
-    """bfloat16 weights on a CPU whose torch has oneDNN (the only case measured to give equal bits)."""
-    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.numel() > 0
-            and torch.backends.mkldnn.is_available())  # type: ignore[no-untyped-call]
 
 
 @dataclass(frozen=True, slots=True)

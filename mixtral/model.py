@@ -17,6 +17,7 @@ from mixtral.attention import AttentionMetadata
 from mixtral.block import DecoderLayer, Experts, LayerWeights, rms_norm
 from mixtral.checkpoint import EMBED, FINAL_NORM, LM_HEAD, Checkpoint, layer_tensor_names
 from mixtral.config import ModelConfig
+from mixtral.linear import Projection
 from mixtral.rope import rope_cos_sin, rope_inv_freq
 
 
@@ -29,7 +30,7 @@ class Mixtral:
         self.embed = embed  # [V, D]
         self.layers = [DecoderLayer(config, i, w, experts) for i, w in enumerate(layers)]
         self.final_norm = final_norm  # [D]
-        self.lm_head = lm_head  # [V, D]; the embedding itself when tied
+        self.lm_head = Projection.of(lm_head)  # [V, D]; a packed copy of the embedding when tied
         self.inv_freq = rope_inv_freq(config.head_size, config.rope_theta).to(embed.device)
 
     @property
@@ -69,7 +70,7 @@ class Mixtral:
     def logits(self, x: Tensor, rows: Tensor) -> Tensor:
         """Final norm and LM head on the rows [R] of hidden states [T, D] -> [R, V] float32."""
         x = rms_norm(x.index_select(0, rows), self.final_norm, self.config.rms_norm_eps)  # [R, D]
-        return F.linear(x, self.lm_head).float()
+        return self.lm_head(x).float()
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +110,7 @@ def _layer_weights(tensors: dict[str, Tensor], names: dict[str, str]) -> LayerWe
     return LayerWeights(
         input_norm=tensors[names["input_norm"]],
         post_attention_norm=tensors[names["post_attention_norm"]],
-        wqkv=wqkv.contiguous(),
-        wo=tensors[names["wo"]],
+        wqkv=Projection.of(wqkv.contiguous()),
+        wo=Projection.of(tensors[names["wo"]]),
         gate=tensors[names["gate"]] if "gate" in names else None,
     )

@@ -19,7 +19,7 @@ from experts.service import ExpertServerConfig, ExpertServiceServicer, ServingTh
 from experts.weights import ExpertShard, load_shard
 from mixtral.checkpoint import Checkpoint
 from mixtral.config import ModelConfig
-from mixtral.expert import group_by_expert, moe_combine
+from mixtral.expert import ExpertWeights, LayerExperts, PackedExperts, group_by_expert, moe_combine
 from protos import expert_pb2, expert_pb2_grpc
 from protos.tensors import from_message, to_message
 
@@ -273,6 +273,32 @@ def test_a_stopped_server_refuses_calls(shard: ExpertShard, model: ModelConfig) 
 def test_a_bad_server_config_names_the_field(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=f"{field}={value}"):
         ExpertServerConfig(**{field: value})
+
+
+def test_a_bf16_host_serves_its_experts_packed_with_the_stacked_bits(tiny_checkpoint: Path,
+                                                                     model: ModelConfig) -> None:
+    checkpoint = Checkpoint(tiny_checkpoint, model)
+    packed = load_shard(checkpoint, HOSTED, torch.bfloat16)
+    fp32 = load_shard(checkpoint, HOSTED, torch.float32)
+    stacked = LayerExperts.stack({e: ExpertWeights(w.w13.bfloat16(), w.w2.bfloat16()) for e, w in fp32.layer(0).items()})
+    assert all(isinstance(held, PackedExperts) for held in packed.layers.values())
+    assert packed.num_bytes * 2 == fp32.num_bytes
+    hidden, expert_ids, weights = routing(9, [0, 2, -1])
+    hidden = hidden.bfloat16()
+    serving = ServingThread.start(ExpertServiceServicer(packed, model, HOST_ID, torch.bfloat16, torch.device("cpu")),
+                                  ExpertServerConfig())
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{serving.port}", options=CLIENT_OPTIONS) as channel:
+            stub = expert_pb2_grpc.ExpertServiceStub(channel)
+            answer = stub.Dispatch(request(0, hidden, expert_ids, weights), timeout=DEADLINE_S)
+            described = stub.Describe(expert_pb2.DescribeRequest())
+    finally:
+        serving.stop(grace_s=0)
+
+    assert torch.equal(from_message(answer.output),
+                       moe_combine(hidden, group_by_expert(expert_ids, weights, E), stacked))
+    assert sorted((e.layer, e.expert) for e in described.experts) == HOSTED
+    assert described.expert_bytes == packed.num_bytes
 
 
 def test_a_shard_in_another_dtype_is_refused(tiny_checkpoint: Path, model: ModelConfig) -> None:

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from mixtral.attention import build_metadata
 from mixtral.expert import ExpertWeights, LayerExperts, expert_ffn, group_by_expert, moe_combine
 from mixtral.gate import route
+from mixtral.linear import Projection
 
 
 @settings(max_examples=60, deadline=None)
@@ -90,6 +91,21 @@ def test_experts_packed_for_onednn_give_the_same_bf16_bits() -> None:
         assert torch.equal(moe_combine(hidden, groups, packed), moe_combine(hidden, groups, experts))
     fp32 = LayerExperts.stack({0: _fp32(experts[0])})
     assert fp32.pack_for_cpu() is fp32  # float32 stays as it is (packing changes its bits)
+
+
+def test_projections_packed_for_onednn_give_the_same_bf16_bits() -> None:
+    g = torch.Generator().manual_seed(5)
+    for n, k in ((96, 64), (40, 72)):  # the attention projections and the LM head, in small
+        weight = torch.randn(n, k, generator=g).to(torch.bfloat16)
+        projection = Projection.of(weight)
+        assert projection.packed
+        for rows in (1, 7, 33, 300):
+            x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
+            assert torch.equal(projection(x), torch.nn.functional.linear(x, weight))
+        batched = torch.randn(2, 3, k, generator=g).to(torch.bfloat16)
+        assert torch.equal(projection(batched), torch.nn.functional.linear(batched, weight))
+    fp32 = Projection.of(torch.randn(8, 4))
+    assert not fp32.packed  # float32 keeps F.linear (packing changes its bits)
 
 
 def test_layer_experts_are_views_of_one_stack() -> None:
