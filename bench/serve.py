@@ -83,22 +83,28 @@ def limit_row(model_dir: Path, dtype: str, concurrency: int, prompt_len: int, ne
     """Time the matmuls of the workload alone, on the checkpoint's own weights: every layer's and every
     expert's distinct matrices, as an engine must read them (reusing one layer's would let the 32 MiB
     L3 cache hold an expert, which no real step gets). Inputs are made before the clock starts. The
-    matmuls run both as F.linear and on weights pre-packed for oneDNN (1.35-1.5x F.linear at few rows in
-    bf16, 2.5-4x in fp32), each phase timed with the faster: the best an engine on torch's kernels does."""
+    matmuls run with each kernel an engine here can use: torch's F.linear, oneDNN on pre-packed weights
+    and, for bf16 where built, moe-cluster's own tiled kernel; each phase is timed with the fastest."""
+    from mixtral import cpu_kernels
     from mixtral.checkpoint import Checkpoint
     from mixtral.config import ModelConfig
-    from mixtral.linear import pack, packed_linear
+    from mixtral.linear import Layout, Projection, lay_out
 
     c = ModelConfig.from_json(model_dir / "config.json")
     checkpoint = Checkpoint(model_dir, c)
     dt = getattr(torch, dtype)
     d, f, e, k = c.hidden_size, c.intermediate_size, c.num_local_experts, c.num_experts_per_tok
     plain = _limit_weights(checkpoint, c, dt)
-    packed = [(pack(qkv), pack(o), pack(gate), [(pack(a), pack(b)) for a, b in experts])
-              for qkv, o, gate, experts in plain[0]], pack(plain[1])
-    kernels = ((plain, torch.nn.functional.linear), (packed, packed_linear))
+    layouts = [Layout.PLAIN, Layout.ONEDNN] + ([Layout.TILES] if cpu_kernels.tiles_for(plain[1]) else [])
 
-    def step(rows: int, head_rows: int, weights: Any, linear: Any) -> float:
+    def laid(w: torch.Tensor, layout: Layout) -> Projection:  # a weight the layout cannot take stays plain
+        fits = layout is not Layout.TILES or cpu_kernels.tiles_for(w)
+        return Projection(lay_out(w, layout), layout) if fits else Projection(w)
+
+    kernels = [([(laid(qkv, lay), laid(o, lay), laid(gate, lay), [(laid(a, lay), laid(b, lay)) for a, b in experts])
+                 for qkv, o, gate, experts in plain[0]], laid(plain[1], lay)) for lay in layouts]
+
+    def step(rows: int, head_rows: int, weights: Any) -> float:
         layers, lm_head = weights
         x, attn = torch.randn(rows, d, dtype=dt), torch.randn(rows, c.q_size, dtype=dt)
         active = min(e, rows * k)  # experts that receive rows: 2 at one row, all 8 from 4 rows on
@@ -107,20 +113,20 @@ def limit_row(model_dir: Path, dtype: str, concurrency: int, prompt_len: int, ne
         head_in = torch.randn(head_rows, d, dtype=dt)
         start = time.perf_counter()
         for w_qkv, w_o, w_gate, experts in layers:
-            linear(x, w_qkv)
-            linear(attn, w_o)
-            linear(x, w_gate)
+            w_qkv(x)
+            w_o(attn)
+            w_gate(x)
             for w13, w2 in experts[:active]:
-                linear(h, w13)
-                linear(u, w2)
-        linear(head_in, lm_head)
+                w13(h)
+                w2(u)
+        lm_head(head_in)
         return time.perf_counter() - start
 
-    # Each phase with whichever kernel is faster for it (packed wins at few rows, plain at many).
-    for weights, linear in kernels:
-        step(concurrency, concurrency, weights, linear)  # warm-up
-    prefill = min(min(step(concurrency * prompt_len, concurrency, *kernel) for _ in range(2)) for kernel in kernels)
-    decode = min(statistics.median(step(concurrency, concurrency, *kernel) for _ in range(5)) for kernel in kernels)
+    # Each phase with whichever kernel is fastest for it.
+    for weights in kernels:
+        step(concurrency, concurrency, weights)  # warm-up
+    prefill = min(min(step(concurrency * prompt_len, concurrency, weights) for _ in range(2)) for weights in kernels)
+    decode = min(statistics.median(step(concurrency, concurrency, weights) for _ in range(5)) for weights in kernels)
     total = prefill + (new_tokens - 1) * decode  # the prefill yields the first token
     return Row("limit (matmuls alone)", dtype, concurrency, concurrency * new_tokens / total,
                ttft_p50_s=prefill, itl_p50_s=decode, note="uniform expert load, the checkpoint's distinct weights")

@@ -16,8 +16,8 @@ class InProcessExperts:
     """Runs each layer's experts locally on the rows routed to them."""
 
     def __init__(self, shard: ExpertShard, num_experts: int) -> None:
-        """Takes the shard over: its layers move into this backend (and `shard` is left empty), packed for
-        oneDNN where that is faster and exact (`mixtral.linear`; `load_shard` already packs what it loads)."""
+        """Takes the shard over: its layers move into this backend (and `shard` is left empty), each in its
+        fastest layout (`mixtral.linear.Layout`; `load_shard` already lays out what it loads)."""
         self.num_experts = num_experts
         self._layers: dict[int, HeldExperts] = {}
         for layer in list(shard.layers):

@@ -10,14 +10,14 @@ import torch
 
 from mixtral.checkpoint import Checkpoint, expert_tensor_names
 from mixtral.expert import ExpertWeights, HeldExperts, LayerExperts, PackedExperts
-from mixtral.linear import pack, packs_for
+from mixtral.linear import Layout, lay_out
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class ExpertShard:
-    """Weights of the (layer, expert) pairs a host serves, per layer: stacked, or packed for a CPU."""
+    """Weights of the (layer, expert) pairs a host serves, per layer: stacked, or packed for oneDNN."""
 
     layers: dict[int, HeldExperts]
 
@@ -43,9 +43,9 @@ def all_experts(checkpoint: Checkpoint) -> list[tuple[int, int]]:
 
 def load_shard(checkpoint: Checkpoint, entries: Iterable[tuple[int, int]], dtype: torch.dtype,
                device: str | torch.device = "cpu") -> ExpertShard:
-    """Load only the listed (layer, expert) tensors, one expert at a time: into per-layer stacks, or, for
-    bfloat16 on a CPU, packed for oneDNN (`mixtral.linear`: same bits, faster). The peak is the shard
-    plus one expert."""
+    """Load only the listed (layer, expert) tensors, one expert at a time, in their fastest layout
+    (`mixtral.linear.Layout`): per-layer stacks, tiled in place for bfloat16 on an AVX512-BF16 CPU, or
+    each expert packed for oneDNN for bfloat16 on other CPUs. The peak is the shard plus one expert."""
     by_layer: dict[int, list[int]] = {}
     for layer, expert in sorted(set(entries)):
         by_layer.setdefault(layer, []).append(expert)
@@ -74,9 +74,10 @@ def reload_shard(checkpoint: Checkpoint, shard: ExpertShard, entries: Iterable[t
 
 def _load_layer(checkpoint: Checkpoint, layer: int, ids: list[int], dtype: torch.dtype,
                 device: str | torch.device) -> HeldExperts:
-    if packs_for(dtype, device):
-        return _load_packed_layer(checkpoint, layer, ids, dtype)
     cfg = checkpoint.config
+    layout = Layout.for_weight(torch.empty(2 * cfg.intermediate_size, cfg.hidden_size, dtype=dtype, device=device))
+    if layout is Layout.ONEDNN:
+        return _load_packed_layer(checkpoint, layer, ids, dtype)
     hidden, ffn = cfg.hidden_size, cfg.intermediate_size
     w13 = torch.empty(len(ids), 2 * ffn, hidden, dtype=dtype, device=device)  # [N, 2F, D]
     w2 = torch.empty(len(ids), hidden, ffn, dtype=dtype, device=device)  # [N, D, F]
@@ -86,16 +87,18 @@ def _load_layer(checkpoint: Checkpoint, layer: int, ids: list[int], dtype: torch
         w13[i, :ffn].copy_(t[names["w1"]])
         w13[i, ffn:].copy_(t[names["w3"]])
         w2[i].copy_(t[names["w2"]])
-    return LayerExperts(ids, w13, w2)
+    experts = LayerExperts(ids, w13, w2)
+    return experts.tile_in_place() if layout is Layout.TILES else experts
 
 
 def _load_packed_layer(checkpoint: Checkpoint, layer: int, ids: list[int], dtype: torch.dtype) -> PackedExperts:
-    """Each expert read and packed on its own: no stack of the layer is ever built beside the packed copy."""
+    """Each expert read and packed for oneDNN on its own: no stack of the layer is built beside the packed copy."""
     experts, num_bytes = {}, 0
     for expert in ids:
         names = expert_tensor_names(checkpoint.config, layer, expert)
         t = checkpoint.load(names.values(), dtype, copy=False)
         plain = ExpertWeights.from_checkpoint(t[names["w1"]], t[names["w2"]], t[names["w3"]])
-        experts[expert] = ExpertWeights(pack(plain.w13), pack(plain.w2), packed=True)
+        experts[expert] = ExpertWeights(lay_out(plain.w13, Layout.ONEDNN), lay_out(plain.w2, Layout.ONEDNN),
+                                        Layout.ONEDNN)
         num_bytes += plain.num_bytes
     return PackedExperts(experts, num_bytes)

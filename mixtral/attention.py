@@ -7,7 +7,8 @@ slots, C ring capacity (positions kept per sequence), K keys attended to.
 The cache (owned by the router, passed in per layer) is [S, Hkv, C, Dh]; position p of a sequence
 lives at ring index p % C. For a sliding-window model C is the window, so a long generation's cache
 stops growing there (Mistral's rolling buffer); otherwise C bounds the sequence length.
-The metadata is built once per step and shared by every layer.
+The metadata is built once per step and shared by every layer. Decode steps in bfloat16 on a CPU with
+AVX512-BF16 attend with `cpu_kernels.decode_attention`, which reads the ring in place.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from mixtral import cpu_kernels
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +106,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
     """
     if not meta.attend_before_write:
         _store(k, v, k_cache, v_cache, meta)
+    if meta.num_new_max == 1 and not meta.attend_before_write and cpu_kernels.attends(q, k_cache, v_cache):
+        mask = meta.mask.reshape(meta.slots.shape[0], -1)  # [B, K]
+        return cpu_kernels.decode_attention(q, k_cache, v_cache, meta.slots, mask).flatten(1)  # [B = T, H * Dh]
     keys, values = _read(k_cache, meta), _read(v_cache, meta)  # [B, Hkv, Kc, Dh]
     if meta.attend_before_write:
         keys = torch.cat((keys, _pad(k, meta)), dim=2)

@@ -3,7 +3,9 @@
 Shapes: T tokens, D hidden, F FFN width, E experts, K experts per token, R routed rows (T * K).
 Weights are in nn.Linear layout; w1 (gate) and w3 (up) are concatenated into one [2F, D] matrix so
 an expert runs two matmuls instead of three. The experts of a layer that a process holds are stored
-stacked ([N, 2F, D] and [N, D, F]): one allocation per layer, ready for a grouped-matmul kernel.
+stacked ([N, 2F, D] and [N, D, F]): one allocation per layer. Each weight is kept in a `Layout`
+(`mixtral.linear`): on a CPU with AVX512-BF16, bfloat16 stacks hold moe-cluster's tiled layout
+(same shapes); on other CPUs bfloat16 experts are packed for oneDNN one tensor each (`PackedExperts`).
 
 The experts run in a loop, each on exactly its rows. A batched matmul over the stacks (rows padded to
 the busiest expert) was measured on the 2-core CPU machine: no faster at 32 decoding sequences
@@ -19,20 +21,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mixtral.linear import pack, packed_linear, packs
+from mixtral import cpu_kernels
+from mixtral.linear import Layout, lay_out, linear
 
 
 @dataclass(frozen=True, slots=True)
 class ExpertWeights:
-    """One expert: w13 = cat(w1, w3) [2F, D], w2 [D, F].
-
-    packed: the weights are in oneDNN's blocked layout (`mixtral.linear.pack`), usable only by
-    `packed_linear`.
-    """
+    """One expert: w13 = cat(w1, w3) [2F, D], w2 [D, F], both kept in `layout`."""
 
     w13: Tensor
     w2: Tensor
-    packed: bool = False
+    layout: Layout = Layout.PLAIN
 
     @classmethod
     def from_checkpoint(cls, w1: Tensor, w2: Tensor, w3: Tensor) -> ExpertWeights:
@@ -45,17 +44,21 @@ class ExpertWeights:
 
 
 class LayerExperts(Mapping[int, ExpertWeights]):
-    """The experts of one layer held by a process, stacked: w13 [N, 2F, D], w2 [N, D, F] for `ids` ascending.
+    """The experts of one layer held by a process, stacked: w13 [N, 2F, D], w2 [N, D, F] for `ids` ascending,
+    each expert's weights in `layout` (PLAIN or TILES: the layouts that stack).
 
     As a mapping it gives each expert's weights as views into the stacks: there is one copy.
     """
 
-    def __init__(self, ids: Sequence[int], w13: Tensor, w2: Tensor) -> None:
+    def __init__(self, ids: Sequence[int], w13: Tensor, w2: Tensor, layout: Layout = Layout.PLAIN) -> None:
         if list(ids) != sorted(set(ids)) or w13.shape[0] != len(ids) or w2.shape[0] != len(ids):
             raise ValueError(f"expert ids {list(ids)} must be ascending and match stacks of {w13.shape[0]} experts")
+        if layout is Layout.ONEDNN:
+            raise ValueError("oneDNN-packed experts do not stack: use PackedExperts")
         self.ids = tuple(ids)
         self.w13 = w13
         self.w2 = w2
+        self.layout = layout
         self._index = {expert: i for i, expert in enumerate(self.ids)}
 
     @classmethod
@@ -68,14 +71,32 @@ class LayerExperts(Mapping[int, ExpertWeights]):
 
     def __getitem__(self, expert: int) -> ExpertWeights:
         i = self._index[expert]
-        return ExpertWeights(self.w13[i], self.w2[i])
+        return ExpertWeights(self.w13[i], self.w2[i], self.layout)
 
     def pack_for_cpu(self) -> LayerExperts | PackedExperts:
-        """The same experts packed for oneDNN where that is faster and exact (`mixtral.linear`), else self."""
-        if not packs(self.w13):
+        """The same experts in their fastest layout (`Layout.for_weight`): tiled into new stacks, packed for
+        oneDNN one tensor each, or self when PLAIN is best or they are laid out already."""
+        if self.layout is not Layout.PLAIN or not self.ids:
             return self
-        return PackedExperts({expert: ExpertWeights(pack(self.w13[i]), pack(self.w2[i]), packed=True)
-                              for i, expert in enumerate(self.ids)}, self.num_bytes)
+        layout = Layout.for_weight(self.w13[0])
+        if layout is Layout.TILES:
+            w13, w2 = torch.empty_like(self.w13), torch.empty_like(self.w2)
+            for i in range(len(self.ids)):
+                cpu_kernels.to_tiles(self.w13[i], out=w13[i])
+                cpu_kernels.to_tiles(self.w2[i], out=w2[i])
+            return LayerExperts(self.ids, w13, w2, layout)
+        if layout is Layout.ONEDNN:
+            return PackedExperts({expert: ExpertWeights(lay_out(self.w13[i], layout), lay_out(self.w2[i], layout),
+                                                        layout) for i, expert in enumerate(self.ids)}, self.num_bytes)
+        return self
+
+    def tile_in_place(self) -> LayerExperts:
+        """These stacks re-laid as TILES in place, one expert at a time (a loader's step: the peak is one
+        expert beside the stacks). Only when `Layout.for_weight` picks TILES."""
+        for stack in (self.w13, self.w2):
+            for i in range(len(self.ids)):
+                stack[i].copy_(cpu_kernels.to_tiles(stack[i]))
+        return LayerExperts(self.ids, self.w13, self.w2, Layout.TILES)
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.ids)
@@ -89,8 +110,8 @@ class LayerExperts(Mapping[int, ExpertWeights]):
 
 
 class PackedExperts(Mapping[int, ExpertWeights]):
-    """The experts of one layer with every weight packed for oneDNN (`mixtral.linear.pack`): one tensor
-    per weight, as packed tensors are opaque and do not stack. Serves `moe_combine` only.
+    """The experts of one layer with every weight packed for oneDNN (Layout.ONEDNN): one tensor per
+    weight, as packed tensors are opaque and do not stack. Serves `moe_combine` only.
     """
 
     def __init__(self, experts: Mapping[int, ExpertWeights], num_bytes: int) -> None:
@@ -113,14 +134,13 @@ class PackedExperts(Mapping[int, ExpertWeights]):
 
 
 HeldExperts = LayerExperts | PackedExperts
-"""The experts of one layer that a process holds: stacked, or packed for a CPU."""
+"""The experts of one layer that a process holds: stacked (PLAIN or TILES), or packed for oneDNN."""
 
 
 def expert_ffn(x: Tensor, expert: ExpertWeights) -> Tensor:
     """SwiGLU expert on a group of rows: [T, D] -> [T, D]."""
-    linear = packed_linear if expert.packed else F.linear
-    gate, up = linear(x, expert.w13).chunk(2, dim=-1)  # [T, F] each
-    return linear(F.silu(gate) * up, expert.w2)
+    gate, up = linear(x, expert.w13, expert.layout).chunk(2, dim=-1)  # [T, F] each
+    return linear(F.silu(gate) * up, expert.w2, expert.layout)
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,7 @@ class Mixtral:
         self.embed = embed  # [V, D]
         self.layers = [DecoderLayer(config, i, w, experts) for i, w in enumerate(layers)]
         self.final_norm = final_norm  # [D]
-        self.lm_head = Projection.of(lm_head)  # [V, D]; a packed copy of the embedding when tied
+        self.lm_head = Projection.of(lm_head)  # [V, D]; a re-laid copy of the embedding when tied
         self.inv_freq = rope_inv_freq(config.head_size, config.rope_theta).to(embed.device)
 
     @property

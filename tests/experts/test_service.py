@@ -19,7 +19,8 @@ from experts.service import ExpertServerConfig, ExpertServiceServicer, ServingTh
 from experts.weights import ExpertShard, load_shard
 from mixtral.checkpoint import Checkpoint
 from mixtral.config import ModelConfig
-from mixtral.expert import ExpertWeights, LayerExperts, PackedExperts, group_by_expert, moe_combine
+from mixtral.expert import ExpertWeights, LayerExperts, group_by_expert, moe_combine
+from mixtral.linear import Layout
 from protos import expert_pb2, expert_pb2_grpc
 from protos.tensors import from_message, to_message
 
@@ -275,18 +276,18 @@ def test_a_bad_server_config_names_the_field(field: str, value: float) -> None:
         ExpertServerConfig(**{field: value})
 
 
-def test_a_bf16_host_serves_its_experts_packed_with_the_stacked_bits(tiny_checkpoint: Path,
-                                                                     model: ModelConfig) -> None:
+def test_a_bf16_host_serves_its_experts_laid_out_for_the_cpu(tiny_checkpoint: Path, model: ModelConfig) -> None:
     checkpoint = Checkpoint(tiny_checkpoint, model)
-    packed = load_shard(checkpoint, HOSTED, torch.bfloat16)
+    laid_out = load_shard(checkpoint, HOSTED, torch.bfloat16)
     fp32 = load_shard(checkpoint, HOSTED, torch.float32)
-    stacked = LayerExperts.stack({e: ExpertWeights(w.w13.bfloat16(), w.w2.bfloat16()) for e, w in fp32.layer(0).items()})
-    assert all(isinstance(held, PackedExperts) for held in packed.layers.values())
-    assert packed.num_bytes * 2 == fp32.num_bytes
+    plain = LayerExperts.stack({e: ExpertWeights(w.w13.bfloat16(), w.w2.bfloat16()) for e, w in fp32.layer(0).items()})
+    layout = Layout.for_weight(plain.w13[0])
+    assert layout is not Layout.PLAIN and {w.layout for w in laid_out.experts.values()} == {layout}
+    assert laid_out.num_bytes * 2 == fp32.num_bytes
     hidden, expert_ids, weights = routing(9, [0, 2, -1])
     hidden = hidden.bfloat16()
-    serving = ServingThread.start(ExpertServiceServicer(packed, model, HOST_ID, torch.bfloat16, torch.device("cpu")),
-                                  ExpertServerConfig())
+    serving = ServingThread.start(ExpertServiceServicer(laid_out, model, HOST_ID, torch.bfloat16,
+                                                        torch.device("cpu")), ExpertServerConfig())
     try:
         with grpc.insecure_channel(f"127.0.0.1:{serving.port}", options=CLIENT_OPTIONS) as channel:
             stub = expert_pb2_grpc.ExpertServiceStub(channel)
@@ -295,10 +296,13 @@ def test_a_bf16_host_serves_its_experts_packed_with_the_stacked_bits(tiny_checkp
     finally:
         serving.stop(grace_s=0)
 
-    assert torch.equal(from_message(answer.output),
-                       moe_combine(hidden, group_by_expert(expert_ids, weights, E), stacked))
+    groups = group_by_expert(expert_ids, weights, E)
+    output = from_message(answer.output)
+    assert torch.equal(output, moe_combine(hidden, groups, laid_out.layer(0)))
+    want = moe_combine(hidden, groups, plain)  # torch's F.linear on the plain weights
+    torch.testing.assert_close(output.float(), want.float(), rtol=0.02, atol=0.02 * float(want.abs().max()))
     assert sorted((e.layer, e.expert) for e in described.experts) == HOSTED
-    assert described.expert_bytes == packed.num_bytes
+    assert described.expert_bytes == laid_out.num_bytes
 
 
 def test_a_shard_in_another_dtype_is_refused(tiny_checkpoint: Path, model: ModelConfig) -> None:

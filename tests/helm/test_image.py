@@ -24,6 +24,8 @@ def test_installs_the_project_with_its_constraints_when_built() -> None:
     # Every package the image installs is one of the project's: its source folders are all copied.
     for package in ("mixtral", "experts", "router", "cluster", "protos"):
         assert f"COPY {package} ./{package}" in DOCKERFILE
+    # setup.py builds the CPU kernels, with the compiler the builder stage installs
+    assert "COPY pyproject.toml setup.py" in DOCKERFILE and "install -y --no-install-recommends g++" in DOCKERFILE
 
 
 def test_selects_cpu_or_cuda_base_and_torch_index_when_variant_is_given() -> None:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mixtral import cpu_kernels
 from mixtral.attention import build_metadata
-from mixtral.expert import ExpertWeights, LayerExperts, expert_ffn, group_by_expert, moe_combine
+from mixtral.expert import ExpertWeights, LayerExperts, PackedExperts, expert_ffn, group_by_expert, moe_combine
 from mixtral.gate import route
-from mixtral.linear import Projection
+from mixtral.linear import Layout, Projection, lay_out, linear
 
+needs_tiles = pytest.mark.skipif(not cpu_kernels.available(),
+                                 reason="moe-cluster's CPU kernels are not built here or the CPU lacks AVX512-BF16")
 
 @settings(max_examples=60, deadline=None)
 @given(tokens=st.integers(1, 16), experts=st.integers(2, 8), data=st.data())
@@ -76,14 +80,19 @@ def _fp32(expert: ExpertWeights) -> ExpertWeights:
     return ExpertWeights(expert.w13.float(), expert.w2.float())
 
 
+def _bf16_experts(g: torch.Generator, d: int, f: int, e: int) -> LayerExperts:
+    return LayerExperts.stack({i: ExpertWeights.from_checkpoint(
+        *(torch.randn(*shape, generator=g).to(torch.bfloat16) for shape in ((f, d), (d, f), (f, d))))
+        for i in range(e)})
+
+
 def test_experts_packed_for_onednn_give_the_same_bf16_bits() -> None:
     g = torch.Generator().manual_seed(3)
     d, f, e = 64, 96, 4
-    experts = LayerExperts.stack({i: ExpertWeights.from_checkpoint(
-        *(torch.randn(*shape, generator=g).to(torch.bfloat16) for shape in ((f, d), (d, f), (f, d))))
-        for i in range(e)})
-    packed = experts.pack_for_cpu()
-    assert all(packed[i].packed for i in range(e)) and not experts[2].packed
+    experts = _bf16_experts(g, d, f, e)
+    onednn = Layout.ONEDNN
+    packed = PackedExperts({i: ExpertWeights(lay_out(w.w13, onednn), lay_out(w.w2, onednn), onednn)
+                            for i, w in experts.items()}, experts.num_bytes)
     for tokens in (1, 5, 40):
         hidden = torch.randn(tokens, d, generator=g).to(torch.bfloat16)
         weights, ids = route(torch.randn(tokens, e, generator=g), 2)
@@ -93,19 +102,62 @@ def test_experts_packed_for_onednn_give_the_same_bf16_bits() -> None:
     assert fp32.pack_for_cpu() is fp32  # float32 stays as it is (packing changes its bits)
 
 
-def test_projections_packed_for_onednn_give_the_same_bf16_bits() -> None:
+@needs_tiles
+def test_bf16_experts_are_tiled_and_agree_with_torch_to_bf16_rounding() -> None:
+    g = torch.Generator().manual_seed(4)
+    d, f, e = 64, 96, 4
+    experts = _bf16_experts(g, d, f, e)
+    tiled = experts.pack_for_cpu()
+    assert isinstance(tiled, LayerExperts) and tiled.layout is Layout.TILES and tiled[2].layout is Layout.TILES
+    assert experts.layout is Layout.PLAIN and tiled.num_bytes == experts.num_bytes
+    in_place = LayerExperts(experts.ids, experts.w13.clone(), experts.w2.clone()).tile_in_place()
+    assert torch.equal(in_place.w13, tiled.w13) and torch.equal(in_place.w2, tiled.w2)
+    for tokens in (1, 5, 40):
+        hidden = torch.randn(tokens, d, generator=g).to(torch.bfloat16)
+        weights, ids = route(torch.randn(tokens, e, generator=g), 2)
+        groups = group_by_expert(ids, weights, e)
+        got, want = moe_combine(hidden, groups, tiled), moe_combine(hidden, groups, experts)
+        torch.testing.assert_close(got.float(), want.float(), rtol=0.02, atol=0.02 * float(want.abs().max()))
+
+
+@needs_tiles
+@settings(max_examples=40, deadline=None)
+@given(tiles=st.integers(1, 9), k=st.integers(1, 80).map(lambda h: 2 * h), rows=st.integers(1, 70),
+       seed=st.integers(0, 2**16))
+def test_tiled_linear_is_float32_sums_rounded_once_and_each_row_ignores_the_others(
+        tiles: int, k: int, rows: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(16 * tiles, k, generator=g).to(torch.bfloat16)
+    x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
+    laid = cpu_kernels.to_tiles(weight)
+    assert torch.equal(cpu_kernels.from_tiles(laid), weight)
+
+    y = cpu_kernels.tiled_linear(x, laid)
+
+    exact = x.double() @ weight.double().T
+    # float32 sums in another order than the exact one, rounded once to bfloat16 (8 significant bits)
+    bound = exact.abs() * 2.0**-8 + (x.double().abs() @ weight.double().abs().T) * 2.0**-20
+    assert bool(((y.double() - exact).abs() <= bound).all())
+    for start in sorted({0, rows // 2, rows - 1}):  # any row alone, or in any batch, gives the same bits
+        assert torch.equal(cpu_kernels.tiled_linear(x[start:start + 1], laid), y[start:start + 1])
+
+
+def test_projections_lay_out_their_bf16_weight_once() -> None:
     g = torch.Generator().manual_seed(5)
-    for n, k in ((96, 64), (40, 72)):  # the attention projections and the LM head, in small
+    for n, k in ((96, 64), (48, 72)):  # the attention projections and the LM head, in small
         weight = torch.randn(n, k, generator=g).to(torch.bfloat16)
         projection = Projection.of(weight)
-        assert projection.packed
+        assert projection.layout is (Layout.TILES if cpu_kernels.available() else Layout.ONEDNN)
+        onednn = lay_out(weight, Layout.ONEDNN)
         for rows in (1, 7, 33, 300):
             x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
-            assert torch.equal(projection(x), torch.nn.functional.linear(x, weight))
+            want = torch.nn.functional.linear(x, weight)
+            assert torch.equal(linear(x, onednn, Layout.ONEDNN), want)  # oneDNN's own layout: torch's bits
+            torch.testing.assert_close(projection(x), want, rtol=2**-7, atol=1e-2)
         batched = torch.randn(2, 3, k, generator=g).to(torch.bfloat16)
-        assert torch.equal(projection(batched), torch.nn.functional.linear(batched, weight))
-    fp32 = Projection.of(torch.randn(8, 4))
-    assert not fp32.packed  # float32 keeps F.linear (packing changes its bits)
+        assert torch.equal(projection(batched), projection(batched.reshape(6, k)).reshape(2, 3, n))
+    assert Projection.of(torch.randn(8, 4)).layout is Layout.PLAIN  # float32 keeps F.linear (exact bits)
+    assert Projection.of(torch.randn(24, 4).bfloat16()).layout is not Layout.TILES  # 24 rows: not whole tiles
 
 
 def test_layer_experts_are_views_of_one_stack() -> None:
@@ -140,3 +192,30 @@ def test_group_by_expert_drops_slots_served_elsewhere() -> None:
     assert groups.token_rows.tolist() == [2, 1, 0, 2]
     assert groups.counts == [1, 1, 2]
     torch.testing.assert_close(groups.weights, torch.tensor([0.5, 0.3, 0.6, 0.5]))
+
+
+@needs_tiles
+@settings(max_examples=30, deadline=None)
+@given(batch=st.integers(1, 6), kv_heads=st.integers(1, 3), group=st.integers(1, 4), head_size=st.sampled_from([32, 64]),
+       capacity=st.integers(1, 40), data=st.data())
+def test_decode_attention_reads_the_ring_in_place_and_matches_softmax_attention(
+        batch: int, kv_heads: int, group: int, head_size: int, capacity: int, data: st.DataObject) -> None:
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    keys = data.draw(st.integers(1, capacity))
+    slots = torch.randperm(batch + 2, generator=g)[:batch]
+    k_cache, v_cache = (torch.randn(batch + 2, kv_heads, capacity, head_size, generator=g).bfloat16() for _ in "kv")
+    q = torch.randn(batch, kv_heads * group, head_size, generator=g).bfloat16()
+    mask = torch.rand(batch, keys, generator=g) < 0.7
+    mask[torch.arange(batch), torch.randint(0, keys, (batch,), generator=g)] = True  # a key for every query
+
+    out = cpu_kernels.decode_attention(q, k_cache, v_cache, slots, mask)
+
+    k = k_cache[slots, :, :keys].double().repeat_interleave(group, dim=1)  # [B, H, K, Dh]
+    v = v_cache[slots, :, :keys].double().repeat_interleave(group, dim=1)
+    scores = (q.double()[:, :, None, :] @ k.transpose(-1, -2)).squeeze(2) * head_size**-0.5  # [B, H, K]
+    probs = torch.softmax(scores.masked_fill(~mask[:, None, :], float("-inf")), dim=-1)
+    want = (probs[:, :, None, :] @ v).squeeze(2)  # [B, H, Dh]
+    # three bfloat16 roundings (scores, probabilities, output) on values of size about 1
+    torch.testing.assert_close(out.double(), want, rtol=0.03, atol=0.03)
+    alone = cpu_kernels.decode_attention(q[-1:], k_cache, v_cache, slots[-1:], mask[-1:])
+    assert torch.equal(alone, out[-1:])  # a sequence's answer does not depend on the others

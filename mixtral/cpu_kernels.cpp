@@ -1,0 +1,249 @@
+// bfloat16 matmuls by fixed weights for x86 CPUs with AVX512-BF16: the decode-time kernels of `mixtral.cpu_kernels`.
+//
+// Decode multiplies a few rows (1 to 16 per expert) by a large weight, so its speed is the speed at which
+// the weight streams from memory. The weight is stored once in tiles of 16 output rows, each tile holding
+// for every pair of input columns the 16 rows' two values side by side ([N/16][K/2][16][2]), so that one
+// 64-byte load feeds a `vdpbf16ps` for each input row, no horizontal sums are needed, and every thread
+// reads its tiles front to back. Accumulation is in float32 over k in ascending pairs, the same order for
+// a row whatever the other rows: a row's result never depends on what else is in the batch.
+//
+// Built by setup.py as a plain shared library (no Python or torch headers) and called through ctypes;
+// OpenMP resolves to the libgomp torch has loaded, so it shares torch's thread team.
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+namespace {
+
+constexpr int kTile = 16;   // output rows per tile: one zmm of float32 accumulators
+constexpr int kRows = 16;   // input rows per pass over a tile
+constexpr int kAhead = 256; // prefetch distance in k pairs (16 KiB of a tile)
+constexpr int64_t kRowBlock = 192;  // rows per block of four_tiles' row loop (the x block stays in L2)
+constexpr int kManyRows = 6; // from this many rows on, four_tiles (measured: 1.1-1.3x one tile at 6-16 rows)
+
+template <int R>
+void tile_rows(const uint16_t* x, int64_t ldx, const uint16_t* tile, uint16_t* y, int64_t ldy, int64_t pairs) {
+  __m512 acc[R];
+  for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; p++) {
+    const __m512bh w = (__m512bh)_mm512_loadu_si512((const void*)(tile + p * kTile * 2));
+    _mm_prefetch((const char*)(tile + (p + kAhead) * kTile * 2), _MM_HINT_T0);
+    for (int r = 0; r < R; r++) {
+      int32_t pair;
+      memcpy(&pair, x + r * ldx + 2 * p, sizeof pair);
+      acc[r] = _mm512_dpbf16_ps(acc[r], w, (__m512bh)_mm512_set1_epi32(pair));
+    }
+  }
+  for (int r = 0; r < R; r++) _mm256_storeu_si256((__m256i*)(y + r * ldy), (__m256i)_mm512_cvtneps_pbh(acc[r]));
+}
+
+// Four tiles by six rows at once (24 accumulators): the blocking for many rows, where the tiles stay in
+// L2 across row blocks and each weight load feeds six dot products.
+template <int R>
+void four_tiles(const uint16_t* x, int64_t ldx, const uint16_t* tiles, int64_t tile_stride, uint16_t* y,
+                int64_t ldy, int64_t pairs) {
+  __m512 acc[4][R];
+  for (int t = 0; t < 4; t++)
+    for (int r = 0; r < R; r++) acc[t][r] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; p++) {
+    __m512bh w[4];
+    for (int t = 0; t < 4; t++) w[t] = (__m512bh)_mm512_loadu_si512((const void*)(tiles + t * tile_stride + p * kTile * 2));
+    for (int r = 0; r < R; r++) {
+      int32_t pair;
+      memcpy(&pair, x + r * ldx + 2 * p, sizeof pair);
+      const __m512bh xr = (__m512bh)_mm512_set1_epi32(pair);
+      for (int t = 0; t < 4; t++) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], w[t], xr);
+    }
+  }
+  for (int t = 0; t < 4; t++)
+    for (int r = 0; r < R; r++)
+      _mm256_storeu_si256((__m256i*)(y + r * ldy + t * kTile), (__m256i)_mm512_cvtneps_pbh(acc[t][r]));
+}
+
+// tile_rows<rows> / four_tiles<rows> for a run-time count of rows <= R.
+template <int R>
+void one_tile_upto(int rows, const uint16_t* x, int64_t ldx, const uint16_t* tile, uint16_t* y, int64_t ldy,
+                   int64_t pairs) {
+  if constexpr (R > 1) {
+    if (rows < R) return one_tile_upto<R - 1>(rows, x, ldx, tile, y, ldy, pairs);
+  }
+  tile_rows<R>(x, ldx, tile, y, ldy, pairs);
+}
+
+template <int R>
+void four_tiles_upto(int rows, const uint16_t* x, int64_t ldx, const uint16_t* tiles, int64_t tile_stride,
+                     uint16_t* y, int64_t ldy, int64_t pairs) {
+  if constexpr (R > 1) {
+    if (rows < R) return four_tiles_upto<R - 1>(rows, x, ldx, tiles, tile_stride, y, ldy, pairs);
+  }
+  four_tiles<R>(x, ldx, tiles, tile_stride, y, ldy, pairs);
+}
+
+// e^x for 16 floats: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2 (Cephes' degree-6 polynomial, about
+// 1 float32 ulp); x below -87 gives 0, as softmax needs for masked scores.
+__m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  x = _mm512_min_ps(x, _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+float bf16_round(float f) {  // float32 -> nearest bfloat16 (ties to even) -> float32
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  u = (u + 0x7fff + ((u >> 16) & 1)) & 0xffff0000u;
+  memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+__m512 bf16x16_to_float(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+// One sequence's query heads of one KV group over its cached keys: scores rounded to bfloat16 and scaled,
+// float32 softmax, probabilities rounded to bfloat16, float32 sum of values rounded to bfloat16 (the
+// roundings of the two bfloat16 batched matmuls this replaces). scores: scratch of keys floats.
+void attend_group(const uint16_t* q, int64_t group, int64_t dh, const uint16_t* keys, const uint16_t* values,
+                  const uint8_t* mask, int64_t nkeys, float scale, float* scores, uint16_t* out) {
+  for (int64_t g = 0; g < group; g++) {
+    const uint16_t* qg = q + g * dh;
+    float top = -INFINITY;
+    for (int64_t j = 0; j < nkeys; j++) {
+      if (!mask[j]) { scores[j] = -INFINITY; continue; }
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t d = 0; d < dh; d += 32)
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512((const void*)(qg + d)),
+                               (__m512bh)_mm512_loadu_si512((const void*)(keys + j * dh + d)));
+      scores[j] = bf16_round(_mm512_reduce_add_ps(acc)) * scale;
+      top = scores[j] > top ? scores[j] : top;
+    }
+    __m512 total = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 16 <= nkeys; j += 16) {
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(scores + j), _mm512_set1_ps(top)));
+      _mm512_storeu_ps(scores + j, e);
+      total = _mm512_add_ps(total, e);
+    }
+    if (j < nkeys) {
+      const __mmask16 tail = (__mmask16)((1u << (nkeys - j)) - 1);
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, scores + j), _mm512_set1_ps(top)));
+      _mm512_mask_storeu_ps(scores + j, tail, e);
+      total = _mm512_add_ps(total, _mm512_maskz_mov_ps(tail, e));
+    }
+    const float inverse = 1.0f / _mm512_reduce_add_ps(total);
+    for (int64_t d0 = 0; d0 < dh; d0 += 64) {  // 64 output columns (4 accumulators) at a time
+      const int64_t width = dh - d0 < 64 ? dh - d0 : 64;
+      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      for (int64_t k = 0; k < nkeys; k++) {
+        if (scores[k] == 0.0f) continue;
+        const __m512 p = _mm512_set1_ps(bf16_round(scores[k] * inverse));
+        for (int64_t c = 0; c < width / 16; c++)
+          acc[c] = _mm512_fmadd_ps(p, bf16x16_to_float(values + k * dh + d0 + 16 * c), acc[c]);
+      }
+      for (int64_t c = 0; c < width / 16; c++)
+        _mm256_storeu_si256((__m256i*)(out + g * dh + d0 + 16 * c), (__m256i)_mm512_cvtneps_pbh(acc[c]));
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int moe_cpu_kernels_supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512bf16");
+}
+
+// w [N, K] (nn.Linear layout) -> tiles [N/16][K/2][16][2]. N % 16 == 0, K % 2 == 0.
+void moe_pack_bf16(const uint16_t* w, uint16_t* out, int64_t n, int64_t k) {
+  const int64_t pairs = k / 2;
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < n / kTile; t++)
+    for (int64_t r = 0; r < kTile; r++) {
+      const uint32_t* src = (const uint32_t*)(w + (t * kTile + r) * k);
+      uint32_t* dst = (uint32_t*)(out + t * kTile * k) + r;
+      for (int64_t p = 0; p < pairs; p++) dst[p * kTile] = src[p];
+    }
+}
+
+// The inverse of moe_pack_bf16.
+void moe_unpack_bf16(const uint16_t* tiles, uint16_t* w, int64_t n, int64_t k) {
+  const int64_t pairs = k / 2;
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < n / kTile; t++)
+    for (int64_t r = 0; r < kTile; r++) {
+      const uint32_t* src = (const uint32_t*)(tiles + t * kTile * k) + r;
+      uint32_t* dst = (uint32_t*)(w + (t * kTile + r) * k);
+      for (int64_t p = 0; p < pairs; p++) dst[p] = src[p * kTile];
+    }
+}
+
+// y [M, N] = x [M, K] @ w.T for w packed by moe_pack_bf16; x and y row-major with leading dimensions k and n.
+void moe_linear_bf16(const uint16_t* x, const uint16_t* tiles, uint16_t* y, int64_t m, int64_t n, int64_t k) {
+  const int64_t pairs = k / 2, tile_size = kTile * k;
+  if (m >= kManyRows && (n / kTile) % 4 == 0) {
+    // Rows in blocks that stay in L2 while every tile passes by (one parallel region per block).
+    for (int64_t r0 = 0; r0 < m; r0 += kRowBlock) {
+      const int64_t r1 = r0 + kRowBlock < m ? r0 + kRowBlock : m;
+#pragma omp parallel for schedule(static)
+      for (int64_t t = 0; t < n / kTile; t += 4)
+        for (int64_t r = r0; r < r1; r += 6) {
+          const int rows = (int)(r1 - r < 6 ? r1 - r : 6);
+          four_tiles_upto<6>(rows, x + r * k, k, tiles + t * tile_size, tile_size, y + r * n + t * kTile, n, pairs);
+        }
+    }
+    return;
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < n / kTile; t++)
+    for (int64_t r = 0; r < m; r += kRows) {
+      const int rows = (int)(m - r < kRows ? m - r : kRows);
+      one_tile_upto<kRows>(rows, x + r * k, k, tiles + t * tile_size, y + r * n + t * kTile, n, pairs);
+    }
+}
+
+// Decode attention, one query per sequence, over the ring cache in place (no copy of the cached keys).
+// q [B, H, Dh]; caches [S, Hkv, C, Dh]; slots [B]; mask [B, K] (1 = attend; K <= C); out [B, H, Dh].
+// H % Hkv == 0, Dh % 32 == 0. Returns 0, or -1 when scratch memory could not be had.
+int moe_decode_attention_bf16(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache,
+                              const int64_t* slots, const uint8_t* mask, uint16_t* out, int64_t batch,
+                              int64_t heads, int64_t kv_heads, int64_t capacity, int64_t dh, int64_t nkeys,
+                              float scale) {
+  const int64_t group = heads / kv_heads;
+  int failed = 0;
+#pragma omp parallel
+  {
+    float* scores = (float*)malloc(sizeof(float) * (nkeys > 0 ? nkeys : 1));
+    if (scores == NULL) {
+#pragma omp atomic write
+      failed = 1;
+    }
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < batch * kv_heads; item++) {
+      if (scores == NULL) continue;
+      const int64_t b = item / kv_heads, h = item % kv_heads;
+      const int64_t cache_row = (slots[b] * kv_heads + h) * capacity * dh;
+      attend_group(q + (b * heads + h * group) * dh, group, dh, k_cache + cache_row, v_cache + cache_row,
+                   mask + b * nkeys, nkeys, scale, scores, out + (b * heads + h * group) * dh);
+    }
+    free(scores);
+  }
+  return failed ? -1 : 0;
+}
+
+}  // extern "C"
