@@ -63,11 +63,16 @@ class LayerExperts(Mapping[int, ExpertWeights]):
 
     @classmethod
     def stack(cls, experts: Mapping[int, ExpertWeights]) -> LayerExperts:
-        """Copy separately held experts into stacks (tests and small models; hosts fill stacks in place)."""
+        """Copy separately held experts (all in one stackable layout) into stacks (tests and small models;
+        hosts fill stacks in place)."""
         ids = sorted(experts)
         if not ids:
             return cls((), torch.empty(0, 0, 0), torch.empty(0, 0, 0))
-        return cls(ids, torch.stack([experts[i].w13 for i in ids]), torch.stack([experts[i].w2 for i in ids]))
+        layouts = {experts[i].layout for i in ids}
+        if len(layouts) != 1:
+            raise ValueError(f"experts in several layouts do not stack: {sorted(lay.value for lay in layouts)}")
+        return cls(ids, torch.stack([experts[i].w13 for i in ids]), torch.stack([experts[i].w2 for i in ids]),
+                   layouts.pop())
 
     def __getitem__(self, expert: int) -> ExpertWeights:
         i = self._index[expert]

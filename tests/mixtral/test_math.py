@@ -219,3 +219,14 @@ def test_decode_attention_reads_the_ring_in_place_and_matches_softmax_attention(
     torch.testing.assert_close(out.double(), want, rtol=0.03, atol=0.03)
     alone = cpu_kernels.decode_attention(q[-1:], k_cache, v_cache, slots[-1:], mask[-1:])
     assert torch.equal(alone, out[-1:])  # a sequence's answer does not depend on the others
+
+
+@needs_tiles
+def test_stacking_keeps_the_experts_layout() -> None:
+    tiled = _bf16_experts(torch.Generator().manual_seed(6), 64, 96, 3).pack_for_cpu()
+    assert isinstance(tiled, LayerExperts)
+    restacked = LayerExperts.stack(dict(tiled.items()))
+    assert restacked.layout is Layout.TILES and torch.equal(restacked.w13, tiled.w13)
+    plain = ExpertWeights(torch.zeros(192, 64).bfloat16(), torch.zeros(64, 96).bfloat16())
+    with pytest.raises(ValueError, match="several layouts"):
+        LayerExperts.stack({0: tiled[0], 1: plain})
