@@ -45,7 +45,8 @@ def load_shard(checkpoint: Checkpoint, entries: Iterable[tuple[int, int]], dtype
                device: str | torch.device = "cpu") -> ExpertShard:
     """Load only the listed (layer, expert) tensors, one expert at a time, in their fastest layout
     (`mixtral.linear.Layout`): per-layer stacks, tiled in place for bfloat16 on an AVX512-BF16 CPU, or
-    each expert packed for oneDNN for bfloat16 on other CPUs. The peak is the shard plus one expert."""
+    each expert packed for oneDNN for bfloat16 on other CPUs (float32 stays in plain stacks). The peak is
+    the shard plus one expert."""
     by_layer: dict[int, list[int]] = {}
     for layer, expert in sorted(set(entries)):
         by_layer.setdefault(layer, []).append(expert)
@@ -76,8 +77,10 @@ def _load_layer(checkpoint: Checkpoint, layer: int, ids: list[int], dtype: torch
                 device: str | torch.device) -> HeldExperts:
     cfg = checkpoint.config
     layout = Layout.for_weight(torch.empty(2 * cfg.intermediate_size, cfg.hidden_size, dtype=dtype, device=device))
-    if layout is Layout.ONEDNN:
+    if layout is Layout.ONEDNN and dtype == torch.bfloat16:
         return _load_packed_layer(checkpoint, layer, ids, dtype)
+    # float32 hosts keep plain stacks: packed expert by expert, a host was resident for 35% more than its
+    # expert bytes (tests/cluster/test_memory.py), and capacity plans count expert bytes.
     hidden, ffn = cfg.hidden_size, cfg.intermediate_size
     w13 = torch.empty(len(ids), 2 * ffn, hidden, dtype=dtype, device=device)  # [N, 2F, D]
     w2 = torch.empty(len(ids), hidden, ffn, dtype=dtype, device=device)  # [N, D, F]

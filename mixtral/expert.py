@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mixtral import cpu_kernels
-from mixtral.linear import Layout, lay_out, linear
+from mixtral.linear import Layout, lay_out, linear, plain
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +41,10 @@ class ExpertWeights:
     @property
     def num_bytes(self) -> int:
         return self.w13.numel() * self.w13.element_size() + self.w2.numel() * self.w2.element_size()
+
+    def plain(self) -> ExpertWeights:
+        """The weights in nn.Linear layout (copies unless PLAIN already): for inspecting, not computing."""
+        return ExpertWeights(plain(self.w13, self.layout), plain(self.w2, self.layout))
 
 
 class LayerExperts(Mapping[int, ExpertWeights]):

@@ -280,7 +280,8 @@ def test_a_bf16_host_serves_its_experts_laid_out_for_the_cpu(tiny_checkpoint: Pa
     checkpoint = Checkpoint(tiny_checkpoint, model)
     laid_out = load_shard(checkpoint, HOSTED, torch.bfloat16)
     fp32 = load_shard(checkpoint, HOSTED, torch.float32)
-    plain = LayerExperts.stack({e: ExpertWeights(w.w13.bfloat16(), w.w2.bfloat16()) for e, w in fp32.layer(0).items()})
+    plain = LayerExperts.stack({e: ExpertWeights(w.plain().w13.bfloat16(), w.plain().w2.bfloat16())
+                                for e, w in fp32.layer(0).items()})
     layout = Layout.for_weight(plain.w13[0])
     assert layout is not Layout.PLAIN and {w.layout for w in laid_out.experts.values()} == {layout}
     assert laid_out.num_bytes * 2 == fp32.num_bytes

@@ -98,8 +98,14 @@ def test_experts_packed_for_onednn_give_the_same_bf16_bits() -> None:
         weights, ids = route(torch.randn(tokens, e, generator=g), 2)
         groups = group_by_expert(ids, weights, e)
         assert torch.equal(moe_combine(hidden, groups, packed), moe_combine(hidden, groups, experts))
-    fp32 = LayerExperts.stack({0: _fp32(experts[0])})
-    assert fp32.pack_for_cpu() is fp32  # float32 stays as it is (packing changes its bits)
+    fp32 = LayerExperts.stack({e: _fp32(w) for e, w in experts.items()})
+    packed_fp32 = fp32.pack_for_cpu()  # float32: oneDNN too, equal up to float32 rounding
+    assert isinstance(packed_fp32, PackedExperts) and packed_fp32[1].layout is Layout.ONEDNN
+    hidden = torch.randn(9, d, generator=g)
+    groups = group_by_expert(*reversed(route(torch.randn(9, e, generator=g), 2)), e)
+    want = moe_combine(hidden, groups, fp32)
+    torch.testing.assert_close(moe_combine(hidden, groups, packed_fp32), want, rtol=1e-5,
+                               atol=1e-6 * float(want.abs().max()))
 
 
 @needs_tiles
@@ -156,7 +162,12 @@ def test_projections_lay_out_their_bf16_weight_once() -> None:
             torch.testing.assert_close(projection(x), want, rtol=2**-7, atol=1e-2)
         batched = torch.randn(2, 3, k, generator=g).to(torch.bfloat16)
         assert torch.equal(projection(batched), projection(batched.reshape(6, k)).reshape(2, 3, n))
-    assert Projection.of(torch.randn(8, 4)).layout is Layout.PLAIN  # float32 keeps F.linear (exact bits)
+        assert projection(torch.empty(0, k, dtype=torch.bfloat16)).shape == (0, n)  # a step with no logit rows
+    fp32 = torch.randn(8, 4, generator=g)
+    assert Projection.of(fp32).layout is Layout.ONEDNN
+    assert Projection.of(fp32)(torch.empty(0, 4)).shape == (0, 8)
+    x = torch.randn(5, 4, generator=g)
+    torch.testing.assert_close(Projection.of(fp32)(x), torch.nn.functional.linear(x, fp32), rtol=1e-5, atol=1e-6)
     assert Projection.of(torch.randn(24, 4).bfloat16()).layout is not Layout.TILES  # 24 rows: not whole tiles
 
 
