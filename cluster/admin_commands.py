@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 import ray
 
-from cluster.arguments import positive_float, positive_int
+from cluster.arguments import number, positive_float, positive_int
 from cluster.client import ClientConfig, open_channel
 from cluster.deploy import ClusterConfig, connect_ray, rebalance_controller
 from cluster.load import ExpertLoad
@@ -170,10 +170,7 @@ def _rpc_failed(err: grpc.RpcError, note: Show) -> int:
 
 def window_seconds(text: str) -> float:
     """--window: a finite number of seconds >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    value = number(text, float, "a number of seconds")
     if not 0 <= value < math.inf:
         raise argparse.ArgumentTypeError(f"{value} must be a finite number of seconds >= 0 (0: since the start)")
     return value

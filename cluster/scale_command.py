@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cluster.arguments import number
 from cluster.capacity import CapacityConfig, CapacityError, plan_capacity, read_host_rate
 from cluster.load import ExpertLoad, LoadFileError
 from cluster.scaler import (
@@ -80,10 +81,7 @@ def add_scale_command(commands: argparse._SubParsersAction[Any], run: Callable[[
 
 
 def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    value = number(text, int, "an integer")
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} must be at least 0")
     return value
