@@ -59,6 +59,13 @@ STOP_TIMEOUT_S = 60.0
 def load_counted_model(model_dir: Path, wrap: ExpertsWrapper | None = None) -> tuple[Mixtral, CountingExperts]:
     """The whole model in this process (float32, CPU), its experts wrapped in a CountingExperts
     (outermost) around `wrap(experts)` if given."""
+    wrapper, counting = _counted(model_dir, wrap)
+    loaded = load_local_model(LocalConfig(model_dir, dtype="float32", device="cpu"), wrapper)
+    return loaded, counting[0]
+
+
+def _counted(model_dir: Path, wrap: ExpertsWrapper | None) -> tuple[ExpertsWrapper, list[CountingExperts]]:
+    """A wrapper putting a CountingExperts around `wrap(experts)`, and the list it appends that counter to."""
     config = ModelConfig.from_json(model_dir / "config.json")
     counting: list[CountingExperts] = []
 
@@ -67,8 +74,7 @@ def load_counted_model(model_dir: Path, wrap: ExpertsWrapper | None = None) -> t
         counting.append(CountingExperts(inner, config.num_hidden_layers, config.num_local_experts))
         return counting[0]
 
-    loaded = load_local_model(LocalConfig(model_dir, dtype="float32", device="cpu"), wrapper)
-    return loaded, counting[0]
+    return wrapper, counting
 
 
 class SlowExperts:
@@ -237,14 +243,7 @@ def serve_on_cluster(model_dir: Path, name: str, replicas: int, num_slots: int,
                      wrap: ExpertsWrapper | None = None) -> Iterator[tuple[ServerHandle, ExpertCluster]]:
     """`serve()` on a loopback port over 2 expert hosts (1 CPU each, float32) on the session's Ray cluster;
     the experts counted by a CountingExperts around `wrap(experts)`. Stops both at the end."""
-    config = ModelConfig.from_json(model_dir / "config.json")
-    counting: list[CountingExperts] = []
-
-    def counted(experts: Experts) -> Experts:
-        inner = wrap(experts) if wrap is not None else experts
-        counting.append(CountingExperts(inner, config.num_hidden_layers, config.num_local_experts))
-        return counting[0]
-
+    counted, counting = _counted(model_dir, wrap)
     cfg = ClusterConfig(model_dir, num_hosts=2, replicas=replicas, dtype="float32", device="cpu",
                         hosts=HostResources(num_cpus=1), name=f"{name}-{uuid.uuid4().hex[:8]}")
     model, cluster = load_cluster_model(cfg, counted)
