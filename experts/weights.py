@@ -10,7 +10,7 @@ import torch
 
 from mixtral.checkpoint import Checkpoint, expert_tensor_names
 from mixtral.expert import ExpertWeights, HeldExperts, LayerExperts, PackedExperts
-from mixtral.linear import Layout, lay_out
+from mixtral.linear import Layout
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,6 @@ def _load_packed_layer(checkpoint: Checkpoint, layer: int, ids: list[int], dtype
         names = expert_tensor_names(checkpoint.config, layer, expert)
         t = checkpoint.load(names.values(), dtype, copy=False)
         plain = ExpertWeights.from_checkpoint(t[names["w1"]], t[names["w2"]], t[names["w3"]])
-        experts[expert] = ExpertWeights(lay_out(plain.w13, Layout.ONEDNN), lay_out(plain.w2, Layout.ONEDNN),
-                                        Layout.ONEDNN)
+        experts[expert] = plain.laid_out(Layout.ONEDNN)
         num_bytes += plain.num_bytes
     return PackedExperts(experts, num_bytes)

@@ -42,6 +42,10 @@ class ExpertWeights:
     def num_bytes(self) -> int:
         return self.w13.numel() * self.w13.element_size() + self.w2.numel() * self.w2.element_size()
 
+    def laid_out(self, layout: Layout) -> ExpertWeights:
+        """Copies of plain weights in `layout`."""
+        return ExpertWeights(lay_out(self.w13, layout), lay_out(self.w2, layout), layout)
+
     def plain(self) -> ExpertWeights:
         """The weights in nn.Linear layout (copies unless PLAIN already): for inspecting, not computing."""
         return ExpertWeights(plain(self.w13, self.layout), plain(self.w2, self.layout))
@@ -89,14 +93,9 @@ class LayerExperts(Mapping[int, ExpertWeights]):
             return self
         layout = Layout.for_weight(self.w13[0])
         if layout is Layout.TILES:
-            w13, w2 = torch.empty_like(self.w13), torch.empty_like(self.w2)
-            for i in range(len(self.ids)):
-                cpu_kernels.to_tiles(self.w13[i], out=w13[i])
-                cpu_kernels.to_tiles(self.w2[i], out=w2[i])
-            return LayerExperts(self.ids, w13, w2, layout)
+            return LayerExperts(self.ids, self.w13.clone(), self.w2.clone()).tile_in_place()
         if layout is Layout.ONEDNN:
-            return PackedExperts({expert: ExpertWeights(lay_out(self.w13[i], layout), lay_out(self.w2[i], layout),
-                                                        layout) for i, expert in enumerate(self.ids)}, self.num_bytes)
+            return PackedExperts({expert: weights.laid_out(layout) for expert, weights in self.items()}, self.num_bytes)
         return self
 
     def tile_in_place(self) -> LayerExperts:
