@@ -23,6 +23,7 @@ constexpr int kRows = 16;   // input rows per pass over a tile
 constexpr int kAhead = 256; // prefetch distance in k pairs (16 KiB of a tile)
 constexpr int64_t kRowBlock = 192;  // rows per block of four_tiles' row loop (the x block stays in L2)
 constexpr int kManyRows = 6; // from this many rows on, four_tiles (measured: 1.1-1.3x one tile at 6-16 rows)
+constexpr int64_t kParallelRows = 64;  // fewer rows: an expert's element-wise steps run on one thread
 
 template <int R>
 void tile_rows(const uint16_t* x, int64_t ldx, const uint16_t* tile, uint16_t* y, int64_t ldy, int64_t pairs) {
@@ -159,9 +160,39 @@ void attend_group(const uint16_t* q, int64_t group, int64_t dh, const uint16_t* 
   }
 }
 
+// SwiGLU of one row: act[j] = bf16(bf16(silu(gate[j])) * up[j]) for gate = h[0:F], up = h[F:2F], F % 16 == 0;
+// silu(g) = g / (1 + e^-g) in float32, with e^-g = +inf past float32's range, as torch computes it.
+void swiglu_row(const uint16_t* h, int64_t f, uint16_t* act) {
+  const __m512 one = _mm512_set1_ps(1.0f), inf = _mm512_set1_ps(INFINITY);
+  for (int64_t j = 0; j < f; j += 16) {
+    const __m512 g = bf16x16_to_float(h + j), u = bf16x16_to_float(h + f + j);
+    const __m512 neg = _mm512_sub_ps(_mm512_setzero_ps(), g);
+    __m512 e = exp16(neg);
+    e = _mm512_mask_mov_ps(e, _mm512_cmp_ps_mask(neg, _mm512_set1_ps(88.72283935546875f), _CMP_GT_OQ), inf);
+    const __m256i silu = (__m256i)_mm512_cvtneps_pbh(_mm512_div_ps(g, _mm512_add_ps(one, e)));
+    const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(silu), 16));
+    _mm256_storeu_si256((__m256i*)(act + j), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(s, u)));
+  }
+}
+
+// out_row += bf16(y_row * weight), each sum rounded to bfloat16: a weighted expert output added the way
+// `(y * w).to(bfloat16)` then `index_add_` add it. d % 16 == 0.
+void add_weighted_row(const uint16_t* y, float weight, int64_t d, uint16_t* out) {
+  const __m512 w = _mm512_set1_ps(weight);
+  for (int64_t j = 0; j < d; j += 16) {
+    const __m256i wy = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(bf16x16_to_float(y + j), w));
+    const __m512 sum = _mm512_add_ps(bf16x16_to_float(out + j),
+                                     _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(wy), 16)));
+    _mm256_storeu_si256((__m256i*)(out + j), (__m256i)_mm512_cvtneps_pbh(sum));
+  }
+}
+
 }  // namespace
 
 extern "C" {
+
+void moe_linear_bf16(const uint16_t* x, const uint16_t* tiles, uint16_t* y, int64_t m, int64_t n, int64_t k);
+
 
 int moe_cpu_kernels_supported() {
   __builtin_cpu_init();
@@ -244,6 +275,40 @@ int moe_decode_attention_bf16(const uint16_t* q, const uint16_t* k_cache, const 
     free(scores);
   }
   return failed ? -1 : 0;
+}
+
+// One layer's experts on their routed rows, the whole of `mixtral.expert.moe_combine` for tiled stacks:
+// for each expert e in ascending order with counts[e] rows, gather its tokens' rows of x [T, D], run
+// SwiGLU (w13 [2F, D] and w2 [D, F] tiles, stacks indexed by slot[e]) and add each output row, weighted
+// by its routing weight, into out [T, D] (zeroed by the caller). token_rows and weights [R] list the routed
+// rows sorted by expert. D and F multiples of 16. Returns 0, or -1 when scratch memory could not be had.
+int moe_experts_bf16(const uint16_t* x, int64_t d, int64_t f, const int64_t* token_rows, const float* weights,
+                     const int64_t* counts, const int64_t* slot, int64_t num_experts, const uint16_t* w13,
+                     const uint16_t* w2, uint16_t* out) {
+  int64_t most = 0;
+  for (int64_t e = 0; e < num_experts; e++) most = counts[e] > most ? counts[e] : most;
+  if (most == 0) return 0;
+  uint16_t* scratch = (uint16_t*)malloc(sizeof(uint16_t) * most * (d + 2 * f + f + d));
+  if (scratch == NULL) return -1;
+  uint16_t *xs = scratch, *h = xs + most * d, *act = h + most * 2 * f, *y = act + most * f;
+  int64_t start = 0;
+  for (int64_t e = 0; e < num_experts; e++) {
+    const int64_t rows = counts[e];
+    if (rows == 0) continue;
+    const int64_t* tokens = token_rows + start;
+    // A token picks an expert once, so an expert's rows go to distinct output rows: the loops split freely.
+#pragma omp parallel for schedule(static) if (rows >= kParallelRows)
+    for (int64_t i = 0; i < rows; i++) memcpy(xs + i * d, x + tokens[i] * d, sizeof(uint16_t) * d);
+    moe_linear_bf16(xs, w13 + slot[e] * 2 * f * d, h, rows, 2 * f, d);
+#pragma omp parallel for schedule(static) if (rows >= kParallelRows)
+    for (int64_t i = 0; i < rows; i++) swiglu_row(h + i * 2 * f, f, act + i * f);
+    moe_linear_bf16(act, w2 + slot[e] * d * f, y, rows, d, f);
+#pragma omp parallel for schedule(static) if (rows >= kParallelRows)
+    for (int64_t i = 0; i < rows; i++) add_weighted_row(y + i * d, weights[start + i], d, out + tokens[i] * d);
+    start += rows;
+  }
+  free(scratch);
+  return 0;
 }
 
 }  // extern "C"

@@ -39,6 +39,8 @@ def _library() -> ctypes.CDLL | None:
     library.moe_unpack_bf16.argtypes = [pointer, pointer, size, size]
     library.moe_linear_bf16.argtypes = [pointer, pointer, pointer, size, size, size]
     library.moe_decode_attention_bf16.argtypes = [pointer] * 6 + [size] * 6 + [ctypes.c_float]
+    library.moe_experts_bf16.argtypes = [pointer, size, size, pointer, pointer, pointer, pointer, size, pointer,
+                                         pointer, pointer]
     return library
 
 
@@ -84,6 +86,34 @@ def tiled_linear(x: Tensor, tiles: Tensor) -> Tensor:
     if x.shape[0]:
         library.moe_linear_bf16(x.data_ptr(), tiles.data_ptr(), y.data_ptr(), x.shape[0], n, k)
     return y
+
+
+def moe_experts(hidden: Tensor, token_rows: Tensor, weights: Tensor, counts: list[int], slots: list[int],
+                w13: Tensor, w2: Tensor) -> Tensor:
+    """One layer's experts on their routed rows, summed per token: `mixtral.expert.moe_combine` in one call.
+
+    hidden [T, D] bfloat16; token_rows [R] and weights [R] float32 list the routed rows sorted by expert;
+    expert e owns counts[e] of them and its tiled weights are w13[slots[e]] ([2F, D]) and w2[slots[e]]
+    ([D, F]) of the stacks. Rounds where moe_combine's torch ops round: the matmuls' outputs, silu, its
+    product with up, the weighted output and every addition to a token's sum (experts in ascending order).
+    """
+    library = _library()
+    num, two_f, d = w13.shape
+    f = two_f // 2
+    if (library is None or hidden.dtype != torch.bfloat16 or w13.dtype != torch.bfloat16 or w2.dtype != torch.bfloat16
+            or hidden.device.type != "cpu" or d % TILE or f % TILE or tuple(w2.shape) != (num, d, f)
+            or not (w13.is_contiguous() and w2.is_contiguous())):
+        raise ValueError(f"no expert kernel for {hidden.dtype} rows and stacks {tuple(w13.shape)}, {tuple(w2.shape)}")
+    hidden = hidden.contiguous()
+    token_rows, weights = token_rows.to(torch.int64).contiguous(), weights.to(torch.float32).contiguous()
+    counts_t, slots_t = torch.tensor(counts, dtype=torch.int64), torch.tensor(slots, dtype=torch.int64)
+    out = torch.zeros_like(hidden)
+    status = library.moe_experts_bf16(hidden.data_ptr(), d, f, token_rows.data_ptr(), weights.data_ptr(),
+                                      counts_t.data_ptr(), slots_t.data_ptr(), len(counts), w13.data_ptr(),
+                                      w2.data_ptr(), out.data_ptr())
+    if status != 0:
+        raise MemoryError(f"the expert kernel could not allocate scratch for {max(counts)} rows")
+    return out
 
 
 def attends(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:

@@ -86,6 +86,13 @@ class LayerExperts(Mapping[int, ExpertWeights]):
         i = self._index[expert]
         return ExpertWeights(self.w13[i], self.w2[i], self.layout)
 
+    def slot(self, expert: int) -> int:
+        """The index of `expert` in the stacks."""
+        return self._index[expert]
+
+    def __contains__(self, expert: object) -> bool:
+        return expert in self._index
+
     def pack_for_cpu(self) -> LayerExperts | PackedExperts:
         """The same experts in their fastest layout (`Layout.for_weight`): tiled into new stacks, packed for
         oneDNN one tensor each, or self when PLAIN is best or they are laid out already."""
@@ -183,8 +190,16 @@ def moe_combine(hidden: Tensor, groups: ExpertGroups, experts: Mapping[int, Expe
 
     Experts run in ascending id order, each on all its rows at once; contributions are weighted in
     float32 and accumulated in the hidden dtype, the order Hugging Face's Mixtral uses, so bf16
-    results round as the reference's do. Every expert with rows must be in `experts`.
+    results round as the reference's do. Every expert with rows must be in `experts`. Tiled stacks run
+    in one call of the CPU kernels (`cpu_kernels.moe_experts`), which rounds at the same steps.
     """
+    if isinstance(experts, LayerExperts) and experts.layout is Layout.TILES and hidden.dtype == torch.bfloat16:
+        missing = [e for e, count in enumerate(groups.counts) if count and e not in experts]
+        if missing:
+            raise KeyError(f"experts {missing} have rows but are not held")
+        slots = [experts.slot(e) if e in experts else -1 for e in range(len(groups.counts))]
+        return cpu_kernels.moe_experts(hidden, groups.token_rows, groups.weights, groups.counts, slots,
+                                       experts.w13, experts.w2)
     out = torch.zeros_like(hidden)
     start = 0
     for expert_id, count in enumerate(groups.counts):

@@ -128,6 +128,39 @@ def test_bf16_experts_are_tiled_and_agree_with_torch_to_bf16_rounding() -> None:
 
 @needs_tiles
 @settings(max_examples=40, deadline=None)
+@given(tokens=st.integers(1, 150), held=st.sets(st.integers(0, 5), min_size=1), scale=st.sampled_from([0.1, 1.0, 40.0]),
+       seed=st.integers(0, 2**16))
+def test_the_fused_expert_kernel_gives_the_bits_of_the_per_expert_loop_and_each_token_ignores_the_others(
+        tokens: int, held: set[int], scale: float, seed: int) -> None:
+    """Tiled stacks run in one kernel call (gather, SwiGLU, weighted sum); the per-expert torch loop over
+    the same tiled weights is the reference, rounding for rounding. Large inputs push silu past exp's range."""
+    g = torch.Generator().manual_seed(seed)
+    d, f, e = 32, 48, 6
+    experts = LayerExperts.stack({i: ExpertWeights.from_checkpoint(
+        *(torch.randn(*shape, generator=g).to(torch.bfloat16) for shape in ((f, d), (d, f), (f, d))))
+        for i in sorted(held)}).pack_for_cpu()
+    assert isinstance(experts, LayerExperts) and experts.layout is Layout.TILES
+    hidden = (torch.randn(tokens, d, generator=g) * scale).to(torch.bfloat16)
+    weights, ids = route(torch.randn(tokens, e, generator=g), 2)
+    ids = torch.where(torch.isin(ids, torch.tensor(sorted(held))), ids, -1)  # rows of other hosts' experts
+    groups = group_by_expert(ids, weights, e)
+    fused = moe_combine(hidden, groups, experts)
+    assert torch.equal(fused, moe_combine(hidden, groups, dict(experts.items())))  # a plain mapping: the loop
+    last = group_by_expert(ids[-1:], weights[-1:], e)
+    assert torch.equal(moe_combine(hidden[-1:], last, experts), fused[-1:])
+
+
+@needs_tiles
+def test_the_fused_expert_kernel_refuses_rows_for_an_expert_it_does_not_hold() -> None:
+    g = torch.Generator().manual_seed(5)
+    experts = _bf16_experts(g, 32, 48, 2).pack_for_cpu()
+    groups = group_by_expert(torch.tensor([[0, 3]]), torch.tensor([[0.5, 0.5]]), 4)
+    with pytest.raises(KeyError, match=r"experts \[3\] have rows but are not held"):
+        moe_combine(torch.ones(1, 32, dtype=torch.bfloat16), groups, experts)
+
+
+@needs_tiles
+@settings(max_examples=40, deadline=None)
 @given(tiles=st.integers(1, 9), k=st.integers(1, 80).map(lambda h: 2 * h), rows=st.integers(1, 70),
        seed=st.integers(0, 2**16))
 def test_tiled_linear_is_float32_sums_rounded_once_and_each_row_ignores_the_others(
