@@ -122,14 +122,40 @@ def limit_row(model_dir: Path, dtype: str, concurrency: int, prompt_len: int, ne
         lm_head(head_in)
         return time.perf_counter() - start
 
-    # Each phase with whichever kernel is fastest for it.
+    # Each phase with whichever kernel is fastest for it; kernels take turns in every round, so a drift of
+    # the machine's speed (20-50% between runs here) reaches them all alike.
     for weights in kernels:
         step(concurrency, concurrency, weights)  # warm-up
-    prefill = min(min(step(concurrency * prompt_len, concurrency, weights) for _ in range(2)) for weights in kernels)
-    decode = min(statistics.median(step(concurrency, concurrency, weights) for _ in range(5)) for weights in kernels)
-    total = prefill + (new_tokens - 1) * decode  # the prefill yields the first token
+    prefill = _fastest(lambda w: step(concurrency * prompt_len, concurrency, w), kernels, rounds=3, budget_s=0.0)
+    decode = _fastest(lambda w: step(concurrency, concurrency, w), kernels, rounds=7, budget_s=3.0)
+    total = prefill.median + (new_tokens - 1) * decode.median  # the prefill yields the first token
     return Row("limit (matmuls alone)", dtype, concurrency, concurrency * new_tokens / total,
-               ttft_p50_s=prefill, itl_p50_s=decode, note="uniform expert load, the checkpoint's distinct weights")
+               ttft_p50_s=prefill.median, itl_p50_s=decode.median,
+               note=f"uniform expert load, the checkpoint's distinct weights; median of {decode.rounds} interleaved "
+                    f"rounds, decode step {decode.low * 1e3:.0f}-{decode.high * 1e3:.0f} ms, prefill "
+                    f"{prefill.low:.2f}-{prefill.high:.2f} s")
+
+
+@dataclass
+class Timing:
+    """One phase's time with its fastest kernel: the median of its rounds and their range, seconds."""
+
+    median: float
+    low: float
+    high: float
+    rounds: int
+
+
+def _fastest(run: Any, kernels: list[Any], rounds: int, budget_s: float) -> Timing:
+    """Time `run(kernel)` for every kernel in turn, round after round: at least `rounds` rounds and until
+    `budget_s` has passed; the kernel with the lowest median wins."""
+    times: list[list[float]] = [[] for _ in kernels]
+    start = time.perf_counter()
+    while len(times[0]) < rounds or time.perf_counter() - start < budget_s:
+        for samples, weights in zip(times, kernels, strict=True):
+            samples.append(run(weights))
+    best = min(times, key=statistics.median)
+    return Timing(statistics.median(best), min(best), max(best), len(best))
 
 
 def _limit_weights(checkpoint: Any, c: Any, dt: torch.dtype) -> tuple[list[Any], torch.Tensor]:
