@@ -57,7 +57,7 @@ def layer_expert_time(model: Mixtral, batch: int, repeats: int) -> float:
     for _ in range(repeats):
         for layer in model.layers:
             assert layer.weights.gate is not None
-            weights, ids = route(hidden @ layer.weights.gate.T, cfg.num_experts_per_tok)
+            weights, ids = route(layer.weights.gate(hidden), cfg.num_experts_per_tok)
             start = time.perf_counter()
             layer.experts(layer.index, hidden, ids, weights)
             times.append(time.perf_counter() - start)

@@ -98,8 +98,10 @@ def limit_row(model_dir: Path, dtype: str, concurrency: int, prompt_len: int, ne
     layouts = [Layout.PLAIN, Layout.ONEDNN] + ([Layout.TILES] if cpu_kernels.tiles_for(plain[1]) else [])
 
     def laid(w: torch.Tensor, layout: Layout) -> Projection:  # a weight the layout cannot take stays plain
-        fits = layout is not Layout.TILES or cpu_kernels.tiles_for(w)
-        return Projection(lay_out(w, layout), layout) if fits else Projection(w)
+        if layout is Layout.TILES:  # as the engine tiles it: the gate padded to whole tiles
+            tiled = Projection.of(w)
+            return tiled if tiled.layout is Layout.TILES else Projection(w)
+        return Projection(lay_out(w, layout), layout)
 
     kernels = [([(laid(qkv, lay), laid(o, lay), laid(gate, lay), [(laid(a, lay), laid(b, lay)) for a, b in experts])
                  for qkv, o, gate, experts in plain[0]], laid(plain[1], lay)) for lay in layouts]

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from mixtral.attention import AttentionMetadata, attend
@@ -63,7 +62,7 @@ class LayerWeights:
     post_attention_norm: Tensor  # [D]
     wqkv: Projection  # [H*Dh + 2*Hkv*Dh, D]: q_proj, k_proj, v_proj stacked
     wo: Projection  # [D, H*Dh]
-    gate: Tensor | None  # [E, D]; None for a dense model
+    gate: Projection | None  # [E, D]; None for a dense model
 
 
 class DecoderLayer:
@@ -113,5 +112,5 @@ class DecoderLayer:
             tokens = h.shape[0]
             return (torch.zeros(tokens, 1, dtype=torch.int64, device=h.device),
                     torch.ones(tokens, 1, dtype=torch.float32, device=h.device))
-        weights, expert_ids = route(F.linear(h, self.weights.gate), self.config.num_experts_per_tok)
+        weights, expert_ids = route(self.weights.gate(h), self.config.num_experts_per_tok)
         return expert_ids, weights

@@ -112,5 +112,5 @@ def _layer_weights(tensors: dict[str, Tensor], names: dict[str, str]) -> LayerWe
         post_attention_norm=tensors[names["post_attention_norm"]],
         wqkv=Projection.of(wqkv.contiguous()),
         wo=Projection.of(tensors[names["wo"]]),
-        gate=tensors[names["gate"]] if "gate" in names else None,
+        gate=Projection.of(tensors[names["gate"]]) if "gate" in names else None,
     )

@@ -201,7 +201,19 @@ def test_projections_lay_out_their_bf16_weight_once() -> None:
     assert Projection.of(fp32)(torch.empty(0, 4)).shape == (0, 8)
     x = torch.randn(5, 4, generator=g)
     torch.testing.assert_close(Projection.of(fp32)(x), torch.nn.functional.linear(x, fp32), rtol=1e-5, atol=1e-6)
-    assert Projection.of(torch.randn(24, 4).bfloat16()).layout is not Layout.TILES  # 24 rows: not whole tiles
+
+
+def test_a_bf16_weight_of_partial_tiles_is_padded_and_gives_only_its_own_features() -> None:
+    """The gate ([8 experts, D]) is not whole 16-row tiles: zero rows pad it, and its 8 logits come out."""
+    g = torch.Generator().manual_seed(6)
+    weight = torch.randn(8, 64, generator=g).to(torch.bfloat16)
+    gate = Projection.of(weight)
+    if cpu_kernels.available():
+        assert gate.layout is Layout.TILES and gate.features == 8 and gate.weight.shape == (16, 64)
+    x = torch.randn(33, 64, generator=g).to(torch.bfloat16)
+    torch.testing.assert_close(gate(x), torch.nn.functional.linear(x, weight), rtol=2**-7, atol=1e-2)
+    assert gate(torch.empty(0, 64, dtype=torch.bfloat16)).shape == (0, 8)
+    assert torch.equal(gate(x[5:6]), gate(x)[5:6])  # a row's logits ignore the other rows
 
 
 def test_layer_experts_are_views_of_one_stack() -> None:
