@@ -76,7 +76,7 @@ def reload_shard(checkpoint: Checkpoint, shard: ExpertShard, entries: Iterable[t
 def _load_layer(checkpoint: Checkpoint, layer: int, ids: list[int], dtype: torch.dtype,
                 device: str | torch.device) -> HeldExperts:
     cfg = checkpoint.config
-    layout = Layout.for_weight(torch.empty(2 * cfg.intermediate_size, cfg.hidden_size, dtype=dtype, device=device))
+    layout = Layout.for_shape((2 * cfg.intermediate_size, cfg.hidden_size), dtype, device)
     if layout is Layout.ONEDNN and dtype == torch.bfloat16:
         return _load_packed_layer(checkpoint, layer, ids, dtype)
     # float32 hosts keep plain stacks: packed expert by expert, a host was resident for 35% more than its

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.util
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -51,8 +52,13 @@ def available() -> bool:
 
 def tiles_for(weight: Tensor) -> bool:
     """Whether `weight` can be tiled: bfloat16 [N, K] on the CPU, N a multiple of 16, K even, kernels available."""
-    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.dim() == 2
-            and weight.shape[0] % TILE == 0 and weight.shape[1] % 2 == 0 and weight.numel() > 0 and available())
+    return tiles_fit(weight.shape, weight.dtype, weight.device)
+
+
+def tiles_fit(shape: Sequence[int], dtype: torch.dtype, device: torch.device | str) -> bool:
+    """`tiles_for` of a weight with this shape, dtype and device, before it exists."""
+    return (torch.device(device).type == "cpu" and dtype == torch.bfloat16 and len(shape) == 2
+            and shape[0] % TILE == 0 and shape[1] % 2 == 0 and shape[0] * shape[1] > 0 and available())
 
 
 def to_tiles(weight: Tensor, out: Tensor | None = None) -> Tensor:

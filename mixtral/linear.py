@@ -14,6 +14,8 @@ Three layouts, chosen per weight when it is loaded (`Layout.for_weight`):
 from __future__ import annotations
 
 import enum
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,16 +33,22 @@ class Layout(enum.Enum):
     @classmethod
     def for_weight(cls, weight: Tensor) -> Layout:
         """The layout a weight of this dtype, shape and device is best kept in."""
-        if cpu_kernels.tiles_for(weight):
+        return cls.for_shape(weight.shape, weight.dtype, weight.device)
+
+    @classmethod
+    def for_shape(cls, shape: Sequence[int], dtype: torch.dtype, device: torch.device | str) -> Layout:
+        """`for_weight` of a weight not yet made (a loader choosing how to fill its stacks)."""
+        if cpu_kernels.tiles_fit(shape, dtype, device):
             return cls.TILES
-        if onednn_packs(weight):
+        if onednn_packs_for(shape, dtype, device):
             return cls.ONEDNN
         return cls.PLAIN
 
 
-def onednn_packs(weight: Tensor) -> bool:
-    """bfloat16 or float32 on a CPU whose torch has oneDNN."""
-    return (weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float32) and weight.numel() > 0
+def onednn_packs_for(shape: Sequence[int], dtype: torch.dtype, device: torch.device | str) -> bool:
+    """Whether oneDNN packs a weight of this shape, dtype and device: bfloat16 or float32 on a CPU whose
+    torch has oneDNN."""
+    return (torch.device(device).type == "cpu" and dtype in (torch.bfloat16, torch.float32) and math.prod(shape) > 0
             and torch.backends.mkldnn.is_available())  # type: ignore[no-untyped-call]
 
 
