@@ -11,7 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from tests.helm.test_behaviour import load_health_check
+from tests.helm.rendered import load_health_check
 
 TOKEN = "s3cret-token"
 

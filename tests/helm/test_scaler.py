@@ -24,7 +24,7 @@ from tests.helm.manifests import (
     one,
     scenario_values,
 )
-from tests.helm.test_behaviour import argv_of, parse_moe_cluster, pod_of, rejected
+from tests.helm.rendered import argv_of, parse_moe_cluster, pod_of, rejected
 from tests.kubeapi import FakeApiServer, serving
 
 Render = Callable[..., list[Manifest]]
