@@ -9,7 +9,7 @@ from torch import Tensor
 
 from experts.weights import ExpertShard
 from mixtral.block import Done
-from mixtral.expert import HeldExperts, group_by_expert, moe_combine
+from mixtral.expert import HeldExperts, moe_forward
 
 
 class InProcessExperts:
@@ -25,8 +25,7 @@ class InProcessExperts:
 
     def __call__(self, layer: int, hidden: Tensor, expert_ids: Tensor, weights: Tensor) -> Tensor:
         """Weighted sum of each token's experts: hidden [T, D], expert_ids and weights [T, K] -> [T, D]."""
-        groups = group_by_expert(expert_ids, weights, self.num_experts)
-        return moe_combine(hidden, groups, self._layers[layer])
+        return moe_forward(hidden, expert_ids, weights, self._layers[layer], self.num_experts)[0]
 
     def submit(self, layer: int, hidden: Tensor, expert_ids: Tensor, weights: Tensor) -> Done:
         """Computed at once: in one process there is nothing to overlap with."""

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from experts.weights import ExpertShard
 from mixtral.config import ModelConfig
-from mixtral.expert import ExpertWeights, group_by_expert, moe_combine
+from mixtral.expert import ExpertWeights, moe_forward
 from protos import expert_pb2, expert_pb2_grpc, tensors
 from protos.security import DispatchTls
 
@@ -117,9 +117,9 @@ class ExpertServiceServicer(expert_pb2_grpc.ExpertServiceServicer):
     def _compute(self, batch: _Batch, shard: ExpertShard) -> tuple[expert_pb2.DispatchResponse, list[int]]:
         """[T, D] rows -> the encoded [T, D] output and rows computed per expert [E]; runs on the worker thread."""
         ids, weights = batch.expert_ids.to(self._device), batch.weights.to(self._device)
-        groups = group_by_expert(ids, weights, self._model.num_local_experts)
-        output = moe_combine(batch.hidden.to(self._device), groups, shard.layer(batch.layer))
-        return expert_pb2.DispatchResponse(output=tensors.to_message(output.cpu())), groups.counts
+        output, counts = moe_forward(batch.hidden.to(self._device), ids, weights, shard.layer(batch.layer),
+                                     self._model.num_local_experts)
+        return expert_pb2.DispatchResponse(output=tensors.to_message(output.cpu())), counts
 
     def _decode(self, request: expert_pb2.DispatchRequest, shard: ExpertShard) -> _Batch:
         num_layers = self._model.num_hidden_layers

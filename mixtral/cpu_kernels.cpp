@@ -277,36 +277,62 @@ int moe_decode_attention_bf16(const uint16_t* q, const uint16_t* k_cache, const 
   return failed ? -1 : 0;
 }
 
-// One layer's experts on their routed rows, the whole of `mixtral.expert.moe_combine` for tiled stacks:
-// for each expert e in ascending order with counts[e] rows, gather its tokens' rows of x [T, D], run
+// One layer's experts on their routed rows: the whole of `mixtral.expert.moe_forward` for tiled stacks.
+// ids and weights [T, K]: each token's experts (-1: a slot served elsewhere) and routing weights. The
+// (token, k) pairs are grouped by expert, in ascending pair order within an expert (a stable sort, as
+// group_by_expert's); then for each expert e in ascending order: gather its tokens' rows of x [T, D], run
 // SwiGLU (w13 [2F, D] and w2 [D, F] tiles, stacks indexed by slot[e]) and add each output row, weighted
-// by its routing weight, into out [T, D] (zeroed by the caller). token_rows and weights [R] list the routed
-// rows sorted by expert. D and F multiples of 16. Returns 0, or -1 when scratch memory could not be had.
-int moe_experts_bf16(const uint16_t* x, int64_t d, int64_t f, const int64_t* token_rows, const float* weights,
-                     const int64_t* counts, const int64_t* slot, int64_t num_experts, const uint16_t* w13,
-                     const uint16_t* w2, uint16_t* out) {
-  int64_t most = 0;
-  for (int64_t e = 0; e < num_experts; e++) most = counts[e] > most ? counts[e] : most;
+// by its routing weight, into out [T, D] (zeroed by the caller). counts [E] receives each expert's rows.
+// D and F multiples of 16. Returns 0; -1 when scratch memory could not be had; -2 for an id outside
+// [-1, E); -3 when an expert with rows is not held (slot -1).
+int moe_experts_bf16(const uint16_t* x, int64_t tokens, int64_t d, int64_t f, const int64_t* ids,
+                     const float* weights, int64_t k, const int64_t* slot, int64_t num_experts, const uint16_t* w13,
+                     const uint16_t* w2, uint16_t* out, int64_t* counts) {
+  const int64_t pairs = tokens * k;
+  for (int64_t e = 0; e < num_experts; e++) counts[e] = 0;
+  bool distinct = true;  // no token names an expert twice: an expert's rows are distinct output rows
+  for (int64_t i = 0; i < pairs; i++) {
+    const int64_t id = ids[i];
+    if (id < -1 || id >= num_experts) return -2;
+    if (id >= 0) counts[id]++;
+    if (id >= 0)
+      for (int64_t j = i - i % k; j < i; j++) distinct = distinct && ids[j] != id;
+  }
+  int64_t most = 0, routed = 0;
+  for (int64_t e = 0; e < num_experts; e++) {
+    if (counts[e] > 0 && slot[e] < 0) return -3;
+    most = counts[e] > most ? counts[e] : most;
+    routed += counts[e];
+  }
   if (most == 0) return 0;
+  int64_t* order = (int64_t*)malloc(sizeof(int64_t) * (routed + num_experts));
   uint16_t* scratch = (uint16_t*)malloc(sizeof(uint16_t) * most * (d + 2 * f + f + d));
-  if (scratch == NULL) return -1;
+  if (order == NULL || scratch == NULL) {
+    free(order);
+    free(scratch);
+    return -1;
+  }
+  int64_t* next = order + routed;  // [E] where each expert's next pair goes
+  for (int64_t e = 0, at = 0; e < num_experts; at += counts[e], e++) next[e] = at;
+  for (int64_t i = 0; i < pairs; i++)
+    if (ids[i] >= 0) order[next[ids[i]]++] = i;
   uint16_t *xs = scratch, *h = xs + most * d, *act = h + most * 2 * f, *y = act + most * f;
   int64_t start = 0;
   for (int64_t e = 0; e < num_experts; e++) {
     const int64_t rows = counts[e];
     if (rows == 0) continue;
-    const int64_t* tokens = token_rows + start;
-    // A token picks an expert once, so an expert's rows go to distinct output rows: the loops split freely.
+    const int64_t* mine = order + start;
 #pragma omp parallel for schedule(static) if (rows >= kParallelRows)
-    for (int64_t i = 0; i < rows; i++) memcpy(xs + i * d, x + tokens[i] * d, sizeof(uint16_t) * d);
+    for (int64_t i = 0; i < rows; i++) memcpy(xs + i * d, x + (mine[i] / k) * d, sizeof(uint16_t) * d);
     moe_linear_bf16(xs, w13 + slot[e] * 2 * f * d, h, rows, 2 * f, d);
 #pragma omp parallel for schedule(static) if (rows >= kParallelRows)
     for (int64_t i = 0; i < rows; i++) swiglu_row(h + i * 2 * f, f, act + i * f);
     moe_linear_bf16(act, w2 + slot[e] * d * f, y, rows, d, f);
-#pragma omp parallel for schedule(static) if (rows >= kParallelRows)
-    for (int64_t i = 0; i < rows; i++) add_weighted_row(y + i * d, weights[start + i], d, out + tokens[i] * d);
+#pragma omp parallel for schedule(static) if (distinct && rows >= kParallelRows)
+    for (int64_t i = 0; i < rows; i++) add_weighted_row(y + i * d, weights[mine[i]], d, out + (mine[i] / k) * d);
     start += rows;
   }
+  free(order);
   free(scratch);
   return 0;
 }

@@ -40,8 +40,8 @@ def _library() -> ctypes.CDLL | None:
     library.moe_unpack_bf16.argtypes = [pointer, pointer, size, size]
     library.moe_linear_bf16.argtypes = [pointer, pointer, pointer, size, size, size]
     library.moe_decode_attention_bf16.argtypes = [pointer] * 6 + [size] * 6 + [ctypes.c_float]
-    library.moe_experts_bf16.argtypes = [pointer, size, size, pointer, pointer, pointer, pointer, size, pointer,
-                                         pointer, pointer]
+    library.moe_experts_bf16.argtypes = [pointer, size, size, size, pointer, pointer, size, pointer, size, pointer,
+                                         pointer, pointer, pointer]
     return library
 
 
@@ -94,14 +94,16 @@ def tiled_linear(x: Tensor, tiles: Tensor) -> Tensor:
     return y
 
 
-def moe_experts(hidden: Tensor, token_rows: Tensor, weights: Tensor, counts: list[int], slots: list[int],
-                w13: Tensor, w2: Tensor) -> Tensor:
-    """One layer's experts on their routed rows, summed per token: `mixtral.expert.moe_combine` in one call.
+def moe_experts(hidden: Tensor, expert_ids: Tensor, weights: Tensor, slots: Tensor, w13: Tensor, w2: Tensor
+                ) -> tuple[Tensor, list[int]]:
+    """One layer's experts on their routed rows, summed per token, in one call: `mixtral.expert.moe_forward`.
 
-    hidden [T, D] bfloat16; token_rows [R] and weights [R] float32 list the routed rows sorted by expert;
-    expert e owns counts[e] of them and its tiled weights are w13[slots[e]] ([2F, D]) and w2[slots[e]]
-    ([D, F]) of the stacks. Rounds where moe_combine's torch ops round: the matmuls' outputs, silu, its
-    product with up, the weighted output and every addition to a token's sum (experts in ascending order).
+    hidden [T, D] bfloat16; expert_ids [T, K] (-1: a slot served elsewhere) and weights [T, K]; slots [E]
+    int64: where each expert's tiled weights are in the stacks w13 [N, 2F, D] and w2 [N, D, F] (-1: not
+    held). Returns the [T, D] sum and the rows each expert computed [E]. Rounds where the per-expert torch
+    loop (`moe_combine`) rounds: the matmuls' outputs, silu, its product with up, the weighted output and
+    every addition to a token's sum, experts in ascending order. Raises ValueError for an expert id outside
+    [-1, E) and KeyError for rows routed to an expert that is not held.
     """
     library = _library()
     num, two_f, d = w13.shape
@@ -111,15 +113,21 @@ def moe_experts(hidden: Tensor, token_rows: Tensor, weights: Tensor, counts: lis
             or not (w13.is_contiguous() and w2.is_contiguous())):
         raise ValueError(f"no expert kernel for {hidden.dtype} rows and stacks {tuple(w13.shape)}, {tuple(w2.shape)}")
     hidden = hidden.contiguous()
-    token_rows, weights = token_rows.to(torch.int64).contiguous(), weights.to(torch.float32).contiguous()
-    counts_t, slots_t = torch.tensor(counts, dtype=torch.int64), torch.tensor(slots, dtype=torch.int64)
-    out = torch.zeros_like(hidden)
-    status = library.moe_experts_bf16(hidden.data_ptr(), d, f, token_rows.data_ptr(), weights.data_ptr(),
-                                      counts_t.data_ptr(), slots_t.data_ptr(), len(counts), w13.data_ptr(),
-                                      w2.data_ptr(), out.data_ptr())
+    ids, weights = expert_ids.to(torch.int64).contiguous(), weights.to(torch.float32).contiguous()
+    num_experts = slots.shape[0]
+    out, counts = torch.zeros_like(hidden), torch.empty(num_experts, dtype=torch.int64)
+    status = library.moe_experts_bf16(hidden.data_ptr(), hidden.shape[0], d, f, ids.data_ptr(), weights.data_ptr(),
+                                      ids.shape[-1], slots.data_ptr(), num_experts, w13.data_ptr(), w2.data_ptr(),
+                                      out.data_ptr(), counts.data_ptr())
+    if status == -2:
+        raise ValueError(f"expert ids {sorted(set(ids[(ids < -1) | (ids >= num_experts)].tolist()))} are outside "
+                         f"[-1, {num_experts})")
+    if status == -3:
+        missing = sorted(set(ids[ids >= 0].tolist()) - set(torch.nonzero(slots >= 0).flatten().tolist()))
+        raise KeyError(f"experts {missing} have rows but are not held")
     if status != 0:
-        raise MemoryError(f"the expert kernel could not allocate scratch for {max(counts)} rows")
-    return out
+        raise MemoryError(f"the expert kernel could not allocate scratch for {ids.numel()} routed rows")
+    return out, counts.tolist()
 
 
 def attends(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:

@@ -68,6 +68,7 @@ class LayerExperts(Mapping[int, ExpertWeights]):
         self.w2 = w2
         self.layout = layout
         self._index = {expert: i for i, expert in enumerate(self.ids)}
+        self._slots: Tensor | None = None
 
     @classmethod
     def stack(cls, experts: Mapping[int, ExpertWeights]) -> LayerExperts:
@@ -86,12 +87,11 @@ class LayerExperts(Mapping[int, ExpertWeights]):
         i = self._index[expert]
         return ExpertWeights(self.w13[i], self.w2[i], self.layout)
 
-    def slot(self, expert: int) -> int:
-        """The index of `expert` in the stacks."""
-        return self._index[expert]
-
-    def __contains__(self, expert: object) -> bool:
-        return expert in self._index
+    def slots(self, num_experts: int) -> Tensor:
+        """[E] int64: each expert's index in the stacks, -1 for the experts of the layer not held here."""
+        if self._slots is None or self._slots.shape[0] != num_experts:
+            self._slots = torch.tensor([self._index.get(e, -1) for e in range(num_experts)], dtype=torch.int64)
+        return self._slots
 
     def pack_for_cpu(self) -> LayerExperts | PackedExperts:
         """The same experts in their fastest layout (`Layout.for_weight`): tiled into new stacks, packed for
@@ -190,16 +190,8 @@ def moe_combine(hidden: Tensor, groups: ExpertGroups, experts: Mapping[int, Expe
 
     Experts run in ascending id order, each on all its rows at once; contributions are weighted in
     float32 and accumulated in the hidden dtype, the order Hugging Face's Mixtral uses, so bf16
-    results round as the reference's do. Every expert with rows must be in `experts`. Tiled stacks run
-    in one call of the CPU kernels (`cpu_kernels.moe_experts`), which rounds at the same steps.
+    results round as the reference's do. Every expert with rows must be in `experts`.
     """
-    if isinstance(experts, LayerExperts) and experts.layout is Layout.TILES and hidden.dtype == torch.bfloat16:
-        missing = [e for e, count in enumerate(groups.counts) if count and e not in experts]
-        if missing:
-            raise KeyError(f"experts {missing} have rows but are not held")
-        slots = [experts.slot(e) if e in experts else -1 for e in range(len(groups.counts))]
-        return cpu_kernels.moe_experts(hidden, groups.token_rows, groups.weights, groups.counts, slots,
-                                       experts.w13, experts.w2)
     out = torch.zeros_like(hidden)
     start = 0
     for expert_id, count in enumerate(groups.counts):
@@ -211,3 +203,18 @@ def moe_combine(hidden: Tensor, groups: ExpertGroups, experts: Mapping[int, Expe
         out.index_add_(0, rows, weighted.to(out.dtype))
         start += count
     return out
+
+
+def moe_forward(hidden: Tensor, expert_ids: Tensor, weights: Tensor, experts: Mapping[int, ExpertWeights],
+                num_experts: int) -> tuple[Tensor, list[int]]:
+    """A layer's experts on the rows routed to them: hidden [T, D], expert_ids and weights [T, K] (-1: a
+    slot served elsewhere) -> (the [T, D] weighted sum of each token's experts, rows per expert [E]).
+
+    Tiled bf16 stacks run in one call of the CPU kernels (`cpu_kernels.moe_experts`: grouping, gather,
+    SwiGLU and the weighted sum), with the bits of `group_by_expert` + `moe_combine`, which run otherwise.
+    """
+    if isinstance(experts, LayerExperts) and experts.layout is Layout.TILES and hidden.dtype == torch.bfloat16:
+        return cpu_kernels.moe_experts(hidden, expert_ids, weights, experts.slots(num_experts), experts.w13,
+                                       experts.w2)
+    groups = group_by_expert(expert_ids, weights, num_experts)
+    return moe_combine(hidden, groups, experts), groups.counts

@@ -9,7 +9,15 @@ from hypothesis import strategies as st
 
 from mixtral import cpu_kernels
 from mixtral.attention import build_metadata
-from mixtral.expert import ExpertWeights, LayerExperts, PackedExperts, expert_ffn, group_by_expert, moe_combine
+from mixtral.expert import (
+    ExpertWeights,
+    LayerExperts,
+    PackedExperts,
+    expert_ffn,
+    group_by_expert,
+    moe_combine,
+    moe_forward,
+)
 from mixtral.gate import route
 from mixtral.linear import Layout, Projection, lay_out, linear
 
@@ -132,8 +140,9 @@ def test_bf16_experts_are_tiled_and_agree_with_torch_to_bf16_rounding() -> None:
        seed=st.integers(0, 2**16))
 def test_the_fused_expert_kernel_gives_the_bits_of_the_per_expert_loop_and_each_token_ignores_the_others(
         tokens: int, held: set[int], scale: float, seed: int) -> None:
-    """Tiled stacks run in one kernel call (gather, SwiGLU, weighted sum); the per-expert torch loop over
-    the same tiled weights is the reference, rounding for rounding. Large inputs push silu past exp's range."""
+    """Tiled stacks run in one kernel call (grouping, gather, SwiGLU, weighted sum); group_by_expert and the
+    per-expert torch loop over the same tiled weights are the reference, rounding for rounding. Large
+    inputs push silu past exp's range."""
     g = torch.Generator().manual_seed(seed)
     d, f, e = 32, 48, 6
     experts = LayerExperts.stack({i: ExpertWeights.from_checkpoint(
@@ -143,20 +152,35 @@ def test_the_fused_expert_kernel_gives_the_bits_of_the_per_expert_loop_and_each_
     hidden = (torch.randn(tokens, d, generator=g) * scale).to(torch.bfloat16)
     weights, ids = route(torch.randn(tokens, e, generator=g), 2)
     ids = torch.where(torch.isin(ids, torch.tensor(sorted(held))), ids, -1)  # rows of other hosts' experts
+    fused, counts = moe_forward(hidden, ids, weights, experts, e)
     groups = group_by_expert(ids, weights, e)
-    fused = moe_combine(hidden, groups, experts)
     assert torch.equal(fused, moe_combine(hidden, groups, dict(experts.items())))  # a plain mapping: the loop
-    last = group_by_expert(ids[-1:], weights[-1:], e)
-    assert torch.equal(moe_combine(hidden[-1:], last, experts), fused[-1:])
+    assert counts == groups.counts
+    alone, _ = moe_forward(hidden[-1:], ids[-1:], weights[-1:], experts, e)
+    assert torch.equal(alone, fused[-1:])
 
 
 @needs_tiles
-def test_the_fused_expert_kernel_refuses_rows_for_an_expert_it_does_not_hold() -> None:
+def test_the_fused_expert_kernel_adds_a_token_twice_routed_to_one_expert_in_order() -> None:
+    """Routing never names an expert twice for a token, but a host must not race on a request that does."""
+    g = torch.Generator().manual_seed(7)
+    experts = _bf16_experts(g, 32, 48, 2).pack_for_cpu()
+    hidden = torch.randn(100, 32, generator=g).to(torch.bfloat16)  # 200 rows for expert 1: the parallel size
+    ids, weights = torch.ones(100, 2, dtype=torch.int64), torch.rand(100, 2, generator=g)
+    fused, counts = moe_forward(hidden, ids, weights, experts, 2)
+    assert counts == [0, 200]
+    assert torch.equal(fused, moe_combine(hidden, group_by_expert(ids, weights, 2), dict(experts.items())))
+
+
+@needs_tiles
+def test_the_fused_expert_kernel_refuses_experts_it_does_not_hold_or_know() -> None:
     g = torch.Generator().manual_seed(5)
     experts = _bf16_experts(g, 32, 48, 2).pack_for_cpu()
-    groups = group_by_expert(torch.tensor([[0, 3]]), torch.tensor([[0.5, 0.5]]), 4)
+    hidden, weights = torch.ones(1, 32, dtype=torch.bfloat16), torch.tensor([[0.5, 0.5]])
     with pytest.raises(KeyError, match=r"experts \[3\] have rows but are not held"):
-        moe_combine(torch.ones(1, 32, dtype=torch.bfloat16), groups, experts)
+        moe_forward(hidden, torch.tensor([[0, 3]]), weights, experts, 4)
+    with pytest.raises(ValueError, match=r"expert ids \[4\] are outside \[-1, 4\)"):
+        moe_forward(hidden, torch.tensor([[0, 4]]), weights, experts, 4)
 
 
 @needs_tiles
