@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from mixtral import cpu_kernels
 from mixtral.attention import AttentionMetadata, attend
 from mixtral.config import ModelConfig
 from mixtral.gate import route
@@ -48,7 +49,10 @@ class Done:
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """RMSNorm computed in float32 and cast back before the scale, as the reference does."""
+    """RMSNorm computed in float32 and cast back before the scale, as the reference does (bf16 rows on a CPU
+    with the kernels: in one call of `cpu_kernels.rms_norm`, eight torch ops fewer)."""
+    if cpu_kernels.norms(x, weight):
+        return cpu_kernels.rms_norm(x, weight, eps)
     x32 = x.to(torch.float32)
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)

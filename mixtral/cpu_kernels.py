@@ -40,6 +40,7 @@ def _library() -> ctypes.CDLL | None:
     library.moe_unpack_bf16.argtypes = [pointer, pointer, size, size]
     library.moe_linear_bf16.argtypes = [pointer, pointer, pointer, size, size, size]
     library.moe_decode_attention_bf16.argtypes = [pointer] * 6 + [size] * 6 + [ctypes.c_float]
+    library.moe_rms_norm_bf16.argtypes = [pointer, pointer, pointer, size, size, ctypes.c_float]
     library.moe_experts_bf16.argtypes = [pointer, size, size, size, pointer, pointer, size, pointer, size, pointer,
                                          pointer, pointer, pointer]
     return library
@@ -128,6 +129,25 @@ def moe_experts(hidden: Tensor, expert_ids: Tensor, weights: Tensor, slots: Tens
     if status != 0:
         raise MemoryError(f"the expert kernel could not allocate scratch for {ids.numel()} routed rows")
     return out, counts.tolist()
+
+
+def norms(x: Tensor, weight: Tensor) -> bool:
+    """Whether `rms_norm` takes these: bfloat16 rows [M, D] on the CPU with D a multiple of 16, kernels available."""
+    return (x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2
+            and x.shape[1] % TILE == 0 and tuple(weight.shape) == (x.shape[1],) and available())
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm of bfloat16 rows [M, D] with weight [D]: `mixtral.block.rms_norm` in one call, rounding at its
+    steps (the sum of squares in this kernel's order)."""
+    library = _library()
+    if library is None or not norms(x, weight):
+        raise ValueError(f"no RMSNorm kernel for {x.dtype} rows {tuple(x.shape)} on {x.device}")
+    x, weight = x.contiguous(), weight.contiguous()
+    out = torch.empty_like(x)
+    if x.shape[0]:
+        library.moe_rms_norm_bf16(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps)
+    return out
 
 
 def attends(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from mixtral import cpu_kernels
 from mixtral.attention import build_metadata
+from mixtral.block import rms_norm
 from mixtral.expert import (
     ExpertWeights,
     LayerExperts,
@@ -299,6 +300,24 @@ def test_decode_attention_reads_the_ring_in_place_and_matches_softmax_attention(
     torch.testing.assert_close(out.double(), want, rtol=0.03, atol=0.03)
     alone = cpu_kernels.decode_attention(q[-1:], k_cache, v_cache, slots[-1:], mask[-1:])
     assert torch.equal(alone, out[-1:])  # a sequence's answer does not depend on the others
+
+
+@needs_tiles
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(0, 130), width=st.sampled_from([16, 64, 1024]), scale=st.sampled_from([1e-3, 1.0, 300.0]),
+       seed=st.integers(0, 2**16))
+def test_the_rms_norm_kernel_rounds_as_torch_does_within_one_bf16_step_and_each_row_ignores_the_others(
+        rows: int, width: int, scale: float, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, width, generator=g) * scale).to(torch.bfloat16)
+    weight = (torch.rand(width, generator=g) + 0.5).to(torch.bfloat16)
+    got = rms_norm(x, weight, 1e-5)
+    x32 = x.float()
+    want = weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16)  # torch's ops
+    assert got.dtype == torch.bfloat16 and got.shape == x.shape
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=0)  # the sum's order: one step at most
+    if rows:
+        assert torch.equal(rms_norm(x[-1:], weight, 1e-5), got[-1:])
 
 
 @needs_tiles
