@@ -95,6 +95,18 @@ def tiled_linear(x: Tensor, tiles: Tensor) -> Tensor:
     return y
 
 
+def experts_fit(hidden: Tensor, w13: Tensor, w2: Tensor) -> bool:
+    """Whether `moe_experts` takes these: bfloat16 CPU rows [T, D] and contiguous bfloat16 stacks w13
+    [N, 2F, D] and w2 [N, D, F] with D and F multiples of 16, kernels available."""
+    if w13.dim() != 3 or w2.dim() != 3 or hidden.dim() != 2:
+        return False
+    num, two_f, d = w13.shape
+    f = two_f // 2
+    return (hidden.dtype == w13.dtype == w2.dtype == torch.bfloat16 and hidden.device.type == "cpu"
+            and hidden.shape[1] == d and d % TILE == 0 and two_f % (2 * TILE) == 0 and tuple(w2.shape) == (num, d, f)
+            and w13.is_contiguous() and w2.is_contiguous() and available())
+
+
 def moe_experts(hidden: Tensor, expert_ids: Tensor, weights: Tensor, slots: Tensor, w13: Tensor, w2: Tensor
                 ) -> tuple[Tensor, list[int]]:
     """One layer's experts on their routed rows, summed per token, in one call: `mixtral.expert.moe_forward`.
@@ -107,12 +119,9 @@ def moe_experts(hidden: Tensor, expert_ids: Tensor, weights: Tensor, slots: Tens
     [-1, E) and KeyError for rows routed to an expert that is not held.
     """
     library = _library()
-    num, two_f, d = w13.shape
-    f = two_f // 2
-    if (library is None or hidden.dtype != torch.bfloat16 or w13.dtype != torch.bfloat16 or w2.dtype != torch.bfloat16
-            or hidden.device.type != "cpu" or d % TILE or f % TILE or tuple(w2.shape) != (num, d, f)
-            or not (w13.is_contiguous() and w2.is_contiguous())):
+    if library is None or not experts_fit(hidden, w13, w2):
         raise ValueError(f"no expert kernel for {hidden.dtype} rows and stacks {tuple(w13.shape)}, {tuple(w2.shape)}")
+    d, f = w13.shape[2], w13.shape[1] // 2
     hidden = hidden.contiguous()
     ids, weights = expert_ids.to(torch.int64).contiguous(), weights.to(torch.float32).contiguous()
     num_experts = slots.shape[0]

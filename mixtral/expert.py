@@ -7,9 +7,11 @@ stacked ([N, 2F, D] and [N, D, F]): one allocation per layer. Each weight is kep
 (`mixtral.linear`): on a CPU with AVX512-BF16, bfloat16 stacks hold moe-cluster's tiled layout
 (same shapes); on other CPUs bfloat16 experts are packed for oneDNN one tensor each (`PackedExperts`).
 
-The experts run in a loop, each on exactly its rows. A batched matmul over the stacks (rows padded to
-the busiest expert) was measured on the 2-core CPU machine: no faster at 32 decoding sequences
-(uneven routing pads 64 rows to about 110) and 20% slower at 8, so it is not used.
+The experts run in a loop, each on exactly its rows; for tiled stacks the whole loop (grouping,
+gather, SwiGLU, weighted sum) is one call of the CPU kernels (`moe_forward`), with the same bits. A
+batched matmul over the stacks (rows padded to the busiest expert) was measured on the 2-core CPU
+machine: no faster at 32 decoding sequences (uneven routing pads 64 rows to about 110) and 20% slower
+at 8, so it is not used.
 """
 
 from __future__ import annotations
@@ -213,7 +215,8 @@ def moe_forward(hidden: Tensor, expert_ids: Tensor, weights: Tensor, experts: Ma
     Tiled bf16 stacks run in one call of the CPU kernels (`cpu_kernels.moe_experts`: grouping, gather,
     SwiGLU and the weighted sum), with the bits of `group_by_expert` + `moe_combine`, which run otherwise.
     """
-    if isinstance(experts, LayerExperts) and experts.layout is Layout.TILES and hidden.dtype == torch.bfloat16:
+    if (isinstance(experts, LayerExperts) and experts.layout is Layout.TILES
+            and cpu_kernels.experts_fit(hidden, experts.w13, experts.w2)):
         return cpu_kernels.moe_experts(hidden, expert_ids, weights, experts.slots(num_experts), experts.w13,
                                        experts.w2)
     groups = group_by_expert(expert_ids, weights, num_experts)

@@ -87,7 +87,8 @@ class Projection:
 
     A bfloat16 weight whose N is not whole tiles (the gate's 8 experts) is padded with zero rows to the
     next multiple of 16 and tiled: `features` is then its own N, and the padding's outputs are cut off.
-    The tiled kernel took the gate of 32 rows from 134 us (`F.linear`, in the engine) to about 14 us.
+    In the engine's profile at 32 rows, `F.linear` took 134 us per gate call; alone, it takes 28 us and
+    the tiled kernel 14 us.
     """
 
     weight: Tensor
@@ -97,9 +98,11 @@ class Projection:
     @classmethod
     def of(cls, weight: Tensor) -> Projection:
         layout = Layout.for_weight(weight)
-        if layout is not Layout.TILES and weight.dim() == 2 and weight.shape[0] % cpu_kernels.TILE:
-            padded = torch.cat((weight, weight.new_zeros(-weight.shape[0] % cpu_kernels.TILE, weight.shape[1])))
-            if cpu_kernels.tiles_for(padded):
+        if layout is not Layout.TILES and weight.dim() == 2:
+            padding = -weight.shape[0] % cpu_kernels.TILE
+            if padding and cpu_kernels.tiles_fit((weight.shape[0] + padding, weight.shape[1]), weight.dtype,
+                                                 weight.device):
+                padded = torch.cat((weight, weight.new_zeros(padding, weight.shape[1])))
                 return cls(cpu_kernels.to_tiles(padded), Layout.TILES, weight.shape[0])
         return cls(lay_out(weight, layout), layout)
 

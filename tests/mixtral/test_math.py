@@ -174,6 +174,19 @@ def test_the_fused_expert_kernel_adds_a_token_twice_routed_to_one_expert_in_orde
 
 
 @needs_tiles
+def test_tiled_experts_the_fused_kernel_cannot_take_run_the_loop() -> None:
+    """F = 24: the stacks tile (2F and D are whole tiles) but the kernel's SwiGLU needs F in whole tiles."""
+    g = torch.Generator().manual_seed(8)
+    experts = _bf16_experts(g, 32, 24, 3).pack_for_cpu()
+    assert isinstance(experts, LayerExperts) and experts.layout is Layout.TILES
+    hidden = torch.randn(5, 32, generator=g).to(torch.bfloat16)
+    weights, ids = route(torch.randn(5, 3, generator=g), 2)
+    got, counts = moe_forward(hidden, ids, weights, experts, 3)
+    groups = group_by_expert(ids, weights, 3)
+    assert torch.equal(got, moe_combine(hidden, groups, experts)) and counts == groups.counts
+
+
+@needs_tiles
 def test_the_fused_expert_kernel_refuses_experts_it_does_not_hold_or_know() -> None:
     g = torch.Generator().manual_seed(5)
     experts = _bf16_experts(g, 32, 48, 2).pack_for_cpu()
