@@ -9,6 +9,8 @@ order of the sums differs, so about 1 in 400 outputs differs from torch's by one
 
 `decode_attention` is the attention of one query per sequence over the ring KV cache, read in place:
 the two batched matmuls it replaces copied every cached key and value of the step's sequences first.
+`moe_experts` runs a whole MoE layer on tiled expert stacks (grouping, gather, SwiGLU, weighted sum) with
+the bits of the per-expert torch loop; `rms_norm` is RMSNorm of bf16 rows in one call.
 
 `available()` is False where the library was not built (no compiler at install, not x86-64) or the CPU
 lacks AVX512-BF16; callers then use oneDNN through torch.
@@ -121,6 +123,9 @@ def moe_experts(hidden: Tensor, expert_ids: Tensor, weights: Tensor, slots: Tens
     library = _library()
     if library is None or not experts_fit(hidden, w13, w2):
         raise ValueError(f"no expert kernel for {hidden.dtype} rows and stacks {tuple(w13.shape)}, {tuple(w2.shape)}")
+    if expert_ids.dim() != 2 or expert_ids.shape[0] != hidden.shape[0] or weights.shape != expert_ids.shape:
+        raise ValueError(f"expert_ids {tuple(expert_ids.shape)} and weights {tuple(weights.shape)} must both be "
+                         f"[T, K] for the T = {hidden.shape[0]} rows")
     d, f = w13.shape[2], w13.shape[1] // 2
     hidden = hidden.contiguous()
     ids, weights = expert_ids.to(torch.int64).contiguous(), weights.to(torch.float32).contiguous()

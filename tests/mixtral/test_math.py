@@ -195,6 +195,8 @@ def test_the_fused_expert_kernel_refuses_experts_it_does_not_hold_or_know() -> N
         moe_forward(hidden, torch.tensor([[0, 3]]), weights, experts, 4)
     with pytest.raises(ValueError, match=r"expert ids \[4\] are outside \[-1, 4\)"):
         moe_forward(hidden, torch.tensor([[0, 4]]), weights, experts, 4)
+    with pytest.raises(ValueError, match=r"must both be \[T, K\] for the T = 1 rows"):
+        moe_forward(hidden, torch.tensor([[0, 1], [1, 0]]), weights, experts, 4)  # a row too many: never read
 
 
 @needs_tiles
