@@ -339,7 +339,7 @@ int moe_experts_bf16(const uint16_t* x, int64_t tokens, int64_t d, int64_t f, co
 
 // RMSNorm of rows x [M, D] into out [M, D]: float32 mean of squares, r = 1 / sqrt(mean + eps), x * r rounded
 // to bfloat16, times the weight [D] rounded again (the roundings of `mixtral.block.rms_norm`; the sum's
-// order is this kernel's, so about one output in a few thousand differs from torch's by one bf16 step).
+// order is this kernel's, so about one output in 100,000 differs from torch's by one or two bf16 steps).
 // D a multiple of 16.
 void moe_rms_norm_bf16(const uint16_t* x, const uint16_t* weight, uint16_t* out, int64_t m, int64_t d, float eps) {
 #pragma omp parallel for schedule(static) if (m >= kParallelRows)

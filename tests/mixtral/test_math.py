@@ -321,7 +321,7 @@ def test_decode_attention_reads_the_ring_in_place_and_matches_softmax_attention(
 @settings(max_examples=30, deadline=None)
 @given(rows=st.integers(0, 130), width=st.sampled_from([16, 64, 1024]), scale=st.sampled_from([1e-3, 1.0, 300.0]),
        seed=st.integers(0, 2**16))
-def test_the_rms_norm_kernel_rounds_as_torch_does_within_one_bf16_step_and_each_row_ignores_the_others(
+def test_the_rms_norm_kernel_rounds_as_torch_does_within_two_bf16_steps_and_each_row_ignores_the_others(
         rows: int, width: int, scale: float, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(rows, width, generator=g) * scale).to(torch.bfloat16)
@@ -330,7 +330,9 @@ def test_the_rms_norm_kernel_rounds_as_torch_does_within_one_bf16_step_and_each_
     x32 = x.float()
     want = weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16)  # torch's ops
     assert got.dtype == torch.bfloat16 and got.shape == x.shape
-    torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=0)  # the sum's order: one step at most
+    # The sum's order can move x * r by one bf16 step; times the weight (up to 1.5) and rounded again, that is
+    # at most two steps of the output.
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-6, atol=0)
     if rows:
         assert torch.equal(rms_norm(x[-1:], weight, 1e-5), got[-1:])
 
