@@ -110,8 +110,14 @@ float bf16_round(float f) {  // float32 -> nearest bfloat16 (ties to even) -> fl
   return f;
 }
 
-__m512 bf16x16_to_float(const uint16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+__m512 widen_bf16(__m256i bits) {  // 16 bfloat16 -> 16 float32 (exact)
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+__m512 bf16x16_to_float(const uint16_t* p) { return widen_bf16(_mm256_loadu_si256((const __m256i*)p)); }
+
+__m512 round_bf16(__m512 v) {  // each float32 -> nearest bfloat16 (ties to even) -> float32
+  return widen_bf16((__m256i)_mm512_cvtneps_pbh(v));
 }
 
 // One sequence's query heads of one KV group over its cached keys: scores rounded to bfloat16 and scaled,
@@ -169,8 +175,7 @@ void swiglu_row(const uint16_t* h, int64_t f, uint16_t* act) {
     const __m512 neg = _mm512_sub_ps(_mm512_setzero_ps(), g);
     __m512 e = exp16(neg);
     e = _mm512_mask_mov_ps(e, _mm512_cmp_ps_mask(neg, _mm512_set1_ps(88.72283935546875f), _CMP_GT_OQ), inf);
-    const __m256i silu = (__m256i)_mm512_cvtneps_pbh(_mm512_div_ps(g, _mm512_add_ps(one, e)));
-    const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(silu), 16));
+    const __m512 s = round_bf16(_mm512_div_ps(g, _mm512_add_ps(one, e)));
     _mm256_storeu_si256((__m256i*)(act + j), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(s, u)));
   }
 }
@@ -180,9 +185,7 @@ void swiglu_row(const uint16_t* h, int64_t f, uint16_t* act) {
 void add_weighted_row(const uint16_t* y, float weight, int64_t d, uint16_t* out) {
   const __m512 w = _mm512_set1_ps(weight);
   for (int64_t j = 0; j < d; j += 16) {
-    const __m256i wy = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(bf16x16_to_float(y + j), w));
-    const __m512 sum = _mm512_add_ps(bf16x16_to_float(out + j),
-                                     _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(wy), 16)));
+    const __m512 sum = _mm512_add_ps(bf16x16_to_float(out + j), round_bf16(_mm512_mul_ps(bf16x16_to_float(y + j), w)));
     _mm256_storeu_si256((__m256i*)(out + j), (__m256i)_mm512_cvtneps_pbh(sum));
   }
 }
@@ -352,8 +355,7 @@ void moe_rms_norm_bf16(const uint16_t* x, const uint16_t* weight, uint16_t* out,
     }
     const __m512 r = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(squares) / (float)d + eps));
     for (int64_t j = 0; j < d; j += 16) {
-      const __m256i normed = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(bf16x16_to_float(row + j), r));
-      const __m512 n = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(normed), 16));
+      const __m512 n = round_bf16(_mm512_mul_ps(bf16x16_to_float(row + j), r));
       _mm256_storeu_si256((__m256i*)(out + i * d + j),
                           (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(bf16x16_to_float(weight + j), n)));
     }
