@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -89,10 +91,12 @@ def _fp32(expert: ExpertWeights) -> ExpertWeights:
     return ExpertWeights(expert.w13.float(), expert.w2.float())
 
 
-def _bf16_experts(g: torch.Generator, d: int, f: int, e: int) -> LayerExperts:
+def _bf16_experts(g: torch.Generator, d: int, f: int, e: int | Iterable[int]) -> LayerExperts:
+    """Random bf16 experts 0..e-1 (or the ids given), stacked."""
+    ids = range(e) if isinstance(e, int) else sorted(e)
     return LayerExperts.stack({i: ExpertWeights.from_checkpoint(
         *(torch.randn(*shape, generator=g).to(torch.bfloat16) for shape in ((f, d), (d, f), (f, d))))
-        for i in range(e)})
+        for i in ids})
 
 
 def test_experts_packed_for_onednn_give_the_same_bf16_bits() -> None:
@@ -146,9 +150,7 @@ def test_the_fused_expert_kernel_gives_the_bits_of_the_per_expert_loop_and_each_
     inputs push silu past exp's range."""
     g = torch.Generator().manual_seed(seed)
     d, f, e = 32, 48, 6
-    experts = LayerExperts.stack({i: ExpertWeights.from_checkpoint(
-        *(torch.randn(*shape, generator=g).to(torch.bfloat16) for shape in ((f, d), (d, f), (f, d))))
-        for i in sorted(held)}).pack_for_cpu()
+    experts = _bf16_experts(g, d, f, held).pack_for_cpu()
     assert isinstance(experts, LayerExperts) and experts.layout is Layout.TILES
     hidden = (torch.randn(tokens, d, generator=g) * scale).to(torch.bfloat16)
     weights, ids = route(torch.randn(tokens, e, generator=g), 2)
