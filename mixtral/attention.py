@@ -7,8 +7,9 @@ slots, C ring capacity (positions kept per sequence), K keys attended to.
 The cache (owned by the router, passed in per layer) is [S, Hkv, C, Dh]; position p of a sequence
 lives at ring index p % C. For a sliding-window model C is the window, so a long generation's cache
 stops growing there (Mistral's rolling buffer); otherwise C bounds the sequence length.
-The metadata is built once per step and shared by every layer. Decode steps in bfloat16 on a CPU with
-AVX512-BF16 attend with `cpu_kernels.decode_attention`, which reads the ring in place.
+The metadata is built once per step and shared by every layer. In bfloat16 on a CPU with AVX512-BF16,
+`cpu_kernels.rope_store` rotates and stores a step's keys in one pass, and decode steps attend with
+`cpu_kernels.decode_attention`, which reads the ring in place.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mixtral import cpu_kernels
+from mixtral.rope import apply_rope
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,21 +100,49 @@ def _mask(cached: Tensor, new: Tensor, key_pos: Tensor, key_valid: Tensor, windo
     return mask[:, None]
 
 
+def attend_projected(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, heads: int,
+                     meta: AttentionMetadata) -> Tensor:
+    """Rotary embedding, cache store and attention of a step's projected rows: qkv [T, (H + 2 Hkv) * Dh] (query,
+    key and value heads side by side), cos and sin [T, Dh], caches [S, Hkv, C, Dh] -> [T, H * Dh].
+
+    bf16 rows on a CPU with the kernels rotate and store in one call (`cpu_kernels.rope_store`, same bits).
+    """
+    if not meta.attend_before_write and cpu_kernels.ropes(qkv, cos, sin, k_cache, v_cache):
+        q = cpu_kernels.rope_store(qkv, cos, sin, heads, k_cache, v_cache, meta.write_rows, meta.write_slots,
+                                   meta.write_ring)
+        return _attend_stored(q, k_cache, v_cache, meta)
+    tokens, (_, kv_heads, _, head_size) = qkv.shape[0], k_cache.shape
+    q, k, v = torch.split(qkv, [heads * head_size, kv_heads * head_size, kv_heads * head_size], dim=-1)
+    q = apply_rope(q.reshape(tokens, heads, head_size), cos, sin)  # [T, H, Dh]
+    k = apply_rope(k.reshape(tokens, kv_heads, head_size), cos, sin)  # [T, Hkv, Dh]
+    return attend(q, k, v.reshape(tokens, kv_heads, head_size), k_cache, v_cache, meta)
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
            meta: AttentionMetadata) -> Tensor:
     """Causal GQA of the step's queries over their sequences' cached and new keys; stores the new keys.
 
     q [T, H, Dh], k and v [T, Hkv, Dh], caches [S, Hkv, C, Dh] -> [T, H * Dh].
     """
-    if not meta.attend_before_write:
+    if meta.attend_before_write:
+        out = _attend_stored(q, k_cache, v_cache, meta, new=(k, v))
         _store(k, v, k_cache, v_cache, meta)
-    if meta.num_new_max == 1 and not meta.attend_before_write and cpu_kernels.attends(q, k_cache, v_cache):
+        return out
+    _store(k, v, k_cache, v_cache, meta)
+    return _attend_stored(q, k_cache, v_cache, meta)
+
+
+def _attend_stored(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata,
+                   new: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Attention of q [T, H, Dh] over the cached keys, and the step's own keys and values `new` (each
+    [T, Hkv, Dh]) when the ring cannot hold them yet (meta.attend_before_write) -> [T, H * Dh]."""
+    if meta.num_new_max == 1 and new is None and cpu_kernels.attends(q, k_cache, v_cache):
         mask = meta.mask.reshape(meta.slots.shape[0], -1)  # [B, K]
         return cpu_kernels.decode_attention(q, k_cache, v_cache, meta.slots, mask).flatten(1)  # [B = T, H * Dh]
     keys, values = _read(k_cache, meta), _read(v_cache, meta)  # [B, Hkv, Kc, Dh]
-    if meta.attend_before_write:
-        keys = torch.cat((keys, _pad(k, meta)), dim=2)
-        values = torch.cat((values, _pad(v, meta)), dim=2)
+    if new is not None:
+        keys = torch.cat((keys, _pad(new[0], meta)), dim=2)
+        values = torch.cat((values, _pad(new[1], meta)), dim=2)
     if meta.num_new_max == 1:
         out = _decode_attention(_pad(q, meta), keys, values, meta.mask)  # [B, H, 1, Dh]
     else:
@@ -122,8 +152,6 @@ def attend(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
     out = out.transpose(1, 2).reshape(batch * steps, heads * head_size)
     if meta.padded_index is not None:
         out = out.index_select(0, meta.padded_index)  # [T, H * Dh]
-    if meta.attend_before_write:
-        _store(k, v, k_cache, v_cache, meta)
     return out
 
 

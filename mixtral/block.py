@@ -15,11 +15,10 @@ import torch
 from torch import Tensor
 
 from mixtral import cpu_kernels
-from mixtral.attention import AttentionMetadata, attend
+from mixtral.attention import AttentionMetadata, attend_projected
 from mixtral.config import ModelConfig
 from mixtral.gate import route
 from mixtral.linear import Projection
-from mixtral.rope import apply_rope
 
 
 class PendingExperts(Protocol):
@@ -101,14 +100,9 @@ class DecoderLayer:
 
     def _attention(self, h: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
                    meta: AttentionMetadata) -> Tensor:
-        cfg = self.config
         qkv = self.weights.wqkv(h)  # [T, H*Dh + 2*Hkv*Dh]
-        q, k, v = torch.split(qkv, [cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        tokens = h.shape[0]
-        q = apply_rope(q.reshape(tokens, cfg.num_attention_heads, cfg.head_size), cos, sin)  # [T, H, Dh]
-        k = apply_rope(k.reshape(tokens, cfg.num_key_value_heads, cfg.head_size), cos, sin)  # [T, Hkv, Dh]
-        v = v.reshape(tokens, cfg.num_key_value_heads, cfg.head_size)
-        return self.weights.wo(attend(q, k, v, k_cache, v_cache, meta))
+        return self.weights.wo(attend_projected(qkv, cos, sin, k_cache, v_cache, self.config.num_attention_heads,
+                                                meta))
 
     def _gate(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """Expert ids [T, K] and weights [T, K] (float32) of each token."""

@@ -193,6 +193,23 @@ void add_weighted_row(const uint16_t* y, float weight, int64_t d, uint16_t* out)
   }
 }
 
+
+// One head's rotary embedding, as `mixtral.rope.apply_rope` rounds it: out = bf16(bf16(x * cos) + bf16(r * sin))
+// with r = cat(-x[half:], x[:half]); head size dh a multiple of 32.
+void rope_head(const uint16_t* x, const uint16_t* cos, const uint16_t* sin, int64_t dh, uint16_t* out) {
+  const int64_t half = dh / 2;
+  for (int64_t j = 0; j < half; j += 16) {
+    const __m512 lo = bf16x16_to_float(x + j), hi = bf16x16_to_float(x + half + j);
+    const __m512 lo_out = _mm512_add_ps(round_bf16(_mm512_mul_ps(lo, bf16x16_to_float(cos + j))),
+                                        round_bf16(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), hi),
+                                                                 bf16x16_to_float(sin + j))));
+    const __m512 hi_out = _mm512_add_ps(round_bf16(_mm512_mul_ps(hi, bf16x16_to_float(cos + half + j))),
+                                        round_bf16(_mm512_mul_ps(lo, bf16x16_to_float(sin + half + j))));
+    _mm256_storeu_si256((__m256i*)(out + j), (__m256i)_mm512_cvtneps_pbh(lo_out));
+    _mm256_storeu_si256((__m256i*)(out + half + j), (__m256i)_mm512_cvtneps_pbh(hi_out));
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -361,6 +378,33 @@ void moe_rms_norm_bf16(const uint16_t* x, const uint16_t* weight, uint16_t* out,
       const __m512 n = round_bf16(_mm512_mul_ps(bf16x16_to_float(row + j), r));
       _mm256_storeu_si256((__m256i*)(out + i * d + j),
                           (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(bf16x16_to_float(weight + j), n)));
+    }
+  }
+}
+
+
+// The step's rotary embedding and cache store in one pass over the projected rows: qkv [T, (H + 2 Hkv) * Dh]
+// (query heads, then key heads, then value heads); cos and sin [T, Dh]. Writes the rotated queries to
+// q_out [T, H, Dh], and for each of the w stored rows rows[i] its rotated keys and its values into the
+// caches [S, Hkv, C, Dh] at slot slots[i], ring index ring[i]. Dh a multiple of 32.
+void moe_rope_store_bf16(const uint16_t* qkv, int64_t tokens, int64_t heads, int64_t kv_heads, int64_t dh,
+                         const uint16_t* cos, const uint16_t* sin, uint16_t* q_out, const int64_t* rows,
+                         const int64_t* slots, const int64_t* ring, int64_t w, uint16_t* k_cache, uint16_t* v_cache,
+                         int64_t capacity) {
+  const int64_t width = (heads + 2 * kv_heads) * dh;
+#pragma omp parallel for schedule(static) if (tokens >= kParallelRows)
+  for (int64_t t = 0; t < tokens; t++)
+    for (int64_t h = 0; h < heads; h++)
+      rope_head(qkv + t * width + h * dh, cos + t * dh, sin + t * dh, dh, q_out + (t * heads + h) * dh);
+#pragma omp parallel for schedule(static) if (w >= kParallelRows)
+  for (int64_t i = 0; i < w; i++) {
+    const int64_t t = rows[i];
+    const uint16_t* keys = qkv + t * width + heads * dh;
+    const uint16_t* values = keys + kv_heads * dh;
+    for (int64_t h = 0; h < kv_heads; h++) {
+      const int64_t at = ((slots[i] * kv_heads + h) * capacity + ring[i]) * dh;
+      rope_head(keys + h * dh, cos + t * dh, sin + t * dh, dh, k_cache + at);
+      memcpy(v_cache + at, values + h * dh, sizeof(uint16_t) * dh);
     }
   }
 }

@@ -10,7 +10,8 @@ order of the sums differs, so about 1 in 400 outputs differs from torch's by one
 `decode_attention` is the attention of one query per sequence over the ring KV cache, read in place:
 the two batched matmuls it replaces copied every cached key and value of the step's sequences first.
 `moe_experts` runs a whole MoE layer on tiled expert stacks (grouping, gather, SwiGLU, weighted sum) with
-the bits of the per-expert torch loop; `rms_norm` is RMSNorm of bf16 rows in one call.
+the bits of the per-expert torch loop; `rms_norm` is RMSNorm of bf16 rows in one call; `rope_store` rotates
+a step's queries and keys and stores its keys and values in the ring cache in one pass.
 
 `available()` is False where the library was not built (no compiler at install, not x86-64) or the CPU
 lacks AVX512-BF16; callers then use oneDNN through torch.
@@ -45,6 +46,8 @@ def _library() -> ctypes.CDLL | None:
     library.moe_rms_norm_bf16.argtypes = [pointer, pointer, pointer, size, size, ctypes.c_float]
     library.moe_experts_bf16.argtypes = [pointer, size, size, size, pointer, pointer, size, pointer, size, pointer,
                                          pointer, pointer, pointer]
+    library.moe_rope_store_bf16.argtypes = [pointer, size, size, size, size, pointer, pointer, pointer, pointer,
+                                            pointer, pointer, size, pointer, pointer, size]
     return library
 
 
@@ -193,6 +196,39 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
     if status != 0:
         raise MemoryError(f"decode attention could not allocate {keys} float32 scores per thread")
     return out
+
+
+def ropes(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:
+    """Whether `rope_store` takes these: bfloat16 on the CPU, contiguous rows and caches, head size a multiple
+    of 32, angles [T, Dh], kernels available."""
+    head_size = k_cache.shape[-1] if k_cache.dim() == 4 else 0
+    return (qkv.dtype == cos.dtype == sin.dtype == k_cache.dtype == v_cache.dtype == torch.bfloat16
+            and qkv.device.type == "cpu" and qkv.dim() == 2 and head_size > 0 and head_size % 32 == 0
+            and tuple(cos.shape) == tuple(sin.shape) == (qkv.shape[0], head_size) and k_cache.shape == v_cache.shape
+            and k_cache.is_contiguous() and v_cache.is_contiguous() and available())
+
+
+def rope_store(qkv: Tensor, cos: Tensor, sin: Tensor, heads: int, k_cache: Tensor, v_cache: Tensor, rows: Tensor,
+               slots: Tensor, ring: Tensor) -> Tensor:
+    """Rotary embedding of a step's projected queries and keys, and the store of its keys and values, in one
+    pass: qkv [T, (H + 2 Hkv) * Dh] (query, key, value heads), cos and sin [T, Dh], caches [S, Hkv, C, Dh].
+    Row rows[i]'s rotated keys and its values go to slot slots[i], ring index ring[i] (int64 [W] each).
+    Returns the rotated queries [T, H, Dh], with the bits of `mixtral.rope.apply_rope`.
+    """
+    library = _library()
+    if library is None or not ropes(qkv, cos, sin, k_cache, v_cache):
+        raise ValueError(f"no rotary kernel for {qkv.dtype} rows {tuple(qkv.shape)} and caches {tuple(k_cache.shape)}")
+    _, kv_heads, capacity, head_size = k_cache.shape
+    if qkv.shape[1] != (heads + 2 * kv_heads) * head_size:
+        raise ValueError(f"rows of {qkv.shape[1]} values are not {heads} query and 2 x {kv_heads} key/value heads of "
+                         f"{head_size}")
+    qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
+    rows, slots, ring = (t.to(torch.int64).contiguous() for t in (rows, slots, ring))
+    q = torch.empty(qkv.shape[0], heads, head_size, dtype=qkv.dtype)
+    library.moe_rope_store_bf16(qkv.data_ptr(), qkv.shape[0], heads, kv_heads, head_size, cos.data_ptr(),
+                                sin.data_ptr(), q.data_ptr(), rows.data_ptr(), slots.data_ptr(), ring.data_ptr(),
+                                rows.shape[0], k_cache.data_ptr(), v_cache.data_ptr(), capacity)
+    return q
 
 
 def _require(weight: Tensor) -> ctypes.CDLL:

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mixtral import cpu_kernels
-from mixtral.attention import build_metadata
+from mixtral.attention import attend_projected, build_metadata
 from mixtral.block import rms_norm
 from mixtral.expert import (
     ExpertWeights,
@@ -23,6 +23,7 @@ from mixtral.expert import (
 )
 from mixtral.gate import route
 from mixtral.linear import Layout, Projection, lay_out, linear
+from mixtral.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 needs_tiles = pytest.mark.skipif(not cpu_kernels.available(),
                                  reason="moe-cluster's CPU kernels are not built here or the CPU lacks AVX512-BF16")
@@ -317,6 +318,56 @@ def test_decode_attention_reads_the_ring_in_place_and_matches_softmax_attention(
     torch.testing.assert_close(out.double(), want, rtol=0.03, atol=0.03)
     alone = cpu_kernels.decode_attention(q[-1:], k_cache, v_cache, slots[-1:], mask[-1:])
     assert torch.equal(alone, out[-1:])  # a sequence's answer does not depend on the others
+
+
+@needs_tiles
+@settings(max_examples=40, deadline=None)
+@given(cached=st.lists(st.integers(0, 20), min_size=1, max_size=5), new=st.data(), kv_heads=st.integers(1, 3),
+       group=st.integers(1, 3), head_size=st.sampled_from([32, 64, 128]), scale=st.sampled_from([1.0, 300.0]),
+       seed=st.integers(0, 2**16))
+def test_the_rope_store_kernel_gives_the_bits_of_rope_then_store_and_leaves_other_cache_entries_alone(
+        cached: list[int], new: st.DataObject, kv_heads: int, group: int, head_size: int, scale: float,
+        seed: int) -> None:
+    """A step's rotary embedding and cache store in one kernel call (prefill chunks and decode tokens side by
+    side): the same queries, keys and values, bit for bit, as apply_rope and the indexed store in torch."""
+    g = torch.Generator().manual_seed(seed)
+    num_new = [new.draw(st.integers(1, 6)) for _ in cached]
+    batch, heads, capacity = len(cached), kv_heads * group, 32
+    slots = torch.randperm(batch + 2, generator=g)[:batch].tolist()
+    meta = build_metadata(slots, cached, num_new, capacity, None)
+    tokens = sum(num_new)
+    qkv = (torch.randn(tokens, (heads + 2 * kv_heads) * head_size, generator=g) * scale).bfloat16()
+    cos, sin = rope_cos_sin(meta.positions, rope_inv_freq(head_size, 1e6), torch.bfloat16)
+    caches = [torch.randn(batch + 2, kv_heads, capacity, head_size, generator=g).bfloat16() for _ in range(4)]
+    k_cache, v_cache, k_want, v_want = caches[0], caches[1], caches[0].clone(), caches[1].clone()
+
+    q = cpu_kernels.rope_store(qkv, cos, sin, heads, k_cache, v_cache, meta.write_rows, meta.write_slots,
+                               meta.write_ring)
+
+    q_part, k_part, v_part = torch.split(qkv, [heads * head_size, kv_heads * head_size, kv_heads * head_size], -1)
+    k_rot = apply_rope(k_part.reshape(tokens, kv_heads, head_size), cos, sin)
+    k_want[meta.write_slots, :, meta.write_ring] = k_rot.index_select(0, meta.write_rows)
+    v_want[meta.write_slots, :, meta.write_ring] = v_part.reshape(tokens, kv_heads, head_size)[meta.write_rows]
+    assert torch.equal(q, apply_rope(q_part.reshape(tokens, heads, head_size), cos, sin))
+    assert torch.equal(k_cache, k_want) and torch.equal(v_cache, v_want)
+
+
+@needs_tiles
+def test_attention_of_projected_rows_is_the_same_with_and_without_the_rope_store_kernel(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """attend_projected on a prefill chunk beside a decode token: the kernel path and the torch path give the
+    same output and leave the same caches."""
+    g = torch.Generator().manual_seed(11)
+    meta = build_metadata([1, 0], [0, 9], [5, 1], capacity=16, window=None)
+    qkv = torch.randn(6, (4 + 2 * 2) * 32, generator=g).bfloat16()
+    cos, sin = rope_cos_sin(meta.positions, rope_inv_freq(32, 1e4), torch.bfloat16)
+    fused = [torch.randn(2, 2, 16, 32, generator=g).bfloat16() for _ in "kv"]
+    plain = [c.clone() for c in fused]
+    with_kernel = attend_projected(qkv, cos, sin, *fused, 4, meta)
+    monkeypatch.setattr(cpu_kernels, "ropes", lambda *args: False)
+    without = attend_projected(qkv, cos, sin, *plain, 4, meta)
+    assert torch.equal(with_kernel, without)
+    assert all(torch.equal(a, b) for a, b in zip(fused, plain, strict=True))
 
 
 @needs_tiles
