@@ -409,4 +409,59 @@ void moe_rope_store_bf16(const uint16_t* qkv, int64_t tokens, int64_t heads, int
   }
 }
 
+
+// Each float32 logit row's greedy token and log-normaliser: rows x [R, V] -> ids[r], the first index of the
+// row's largest value, top[r], that value, and log_norm[r] = log(sum_j e^(x_j - top)), summed in float64, so
+// that x_j's log-probability is x_j - top - log_norm (log_softmax's formula). Returns 0, or -1 when a row
+// holds a NaN or an infinite largest value (the caller then computes them another way).
+int moe_greedy_f32(const float* x, int64_t rows, int64_t vocab, int64_t* ids, float* top, float* log_norm) {
+  int failed = 0;
+#pragma omp parallel for schedule(static) if (rows >= 8)
+  for (int64_t r = 0; r < rows; r++) {
+    const float* row = x + r * vocab;
+    __m512 best = _mm512_set1_ps(-INFINITY);
+    __m512i best_at = _mm512_set1_epi32(0), at = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __mmask16 nan = 0;
+    int64_t j = 0;
+    for (; j + 16 <= vocab; j += 16) {
+      const __m512 v = _mm512_loadu_ps(row + j);
+      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      const __mmask16 greater = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ);  // strictly: a lane keeps its first
+      best = _mm512_mask_mov_ps(best, greater, v);
+      best_at = _mm512_mask_mov_epi32(best_at, greater, at);
+      at = _mm512_add_epi32(at, _mm512_set1_epi32(16));
+    }
+    float value = _mm512_reduce_max_ps(best);
+    int64_t index = vocab;
+    alignas(64) float lanes[16];
+    alignas(64) int32_t lane_at[16];
+    _mm512_store_ps(lanes, best);
+    _mm512_store_si512((void*)lane_at, best_at);
+    for (int l = 0; l < 16; l++)
+      if (lanes[l] == value && lane_at[l] < index) index = lane_at[l];
+    for (; j < vocab; j++) {  // the tail past the last whole vector
+      if (row[j] != row[j]) nan = 1;
+      if (row[j] > value) value = row[j], index = j;
+    }
+    if (nan || isinf(value)) {
+#pragma omp atomic write
+      failed = 1;
+      continue;
+    }
+    __m512d sum_lo = _mm512_setzero_pd(), sum_hi = _mm512_setzero_pd();
+    const __m512 shift = _mm512_set1_ps(value);
+    for (j = 0; j + 16 <= vocab; j += 16) {
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(row + j), shift));
+      sum_lo = _mm512_add_pd(sum_lo, _mm512_cvtps_pd(_mm512_castps512_ps256(e)));
+      sum_hi = _mm512_add_pd(sum_hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1))));
+    }
+    double sum = _mm512_reduce_add_pd(_mm512_add_pd(sum_lo, sum_hi));
+    for (; j < vocab; j++) sum += exp((double)row[j] - value);
+    ids[r] = index;
+    top[r] = value;
+    log_norm[r] = (float)log(sum);
+  }
+  return failed ? -1 : 0;
+}
+
 }  // extern "C"

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mixtral import cpu_kernels
+
 MIN_TEMPERATURE = 1e-5
 
 
@@ -57,15 +59,22 @@ def new_generator(seed: int | None) -> torch.Generator:
 def sample(logits: Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]
            ) -> tuple[list[int], list[float]]:
     """Logits [R, V] (float32) -> chosen token and its log-probability per row."""
-    logprobs = torch.log_softmax(logits, dim=-1)  # [R, V]
-    chosen = logits.argmax(dim=-1)  # [R]
+    found = cpu_kernels.greedy(logits)  # greedy tokens and log-normalisers in one call, where the kernels run
+    if found is None:
+        logprobs = torch.log_softmax(logits, dim=-1)  # [R, V]
+        chosen = logits.argmax(dim=-1)  # [R]
+    else:
+        chosen, top, log_norm = found
     random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
     if random_rows:
         rows = torch.tensor(random_rows)
         picked = _sample_rows(logits.index_select(0, rows), [params[i] for i in random_rows],
                               [generators[i] for i in random_rows])
         chosen[rows] = picked
-    token_logprobs = logprobs.gather(1, chosen[:, None]).squeeze(1)
+    if found is None:
+        token_logprobs = logprobs.gather(1, chosen[:, None]).squeeze(1)
+    else:
+        token_logprobs = logits.gather(1, chosen[:, None]).squeeze(1) - top - log_norm
     return chosen.tolist(), token_logprobs.tolist()
 
 

@@ -353,6 +353,34 @@ def test_the_rope_store_kernel_gives_the_bits_of_rope_then_store_and_leaves_othe
 
 
 @needs_tiles
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(0, 20), vocab=st.integers(1, 700), scale=st.sampled_from([1e-3, 1.0, 30.0]),
+       ties=st.booleans(), seed=st.integers(0, 2**16))
+def test_the_greedy_kernel_picks_torchs_argmax_and_its_log_softmax(rows: int, vocab: int, scale: float, ties: bool,
+                                                                   seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, vocab, generator=g) * scale
+    if ties:  # the largest value several times in a row: the first one is the greedy token, as argmax's
+        logits = logits.round()
+    found = cpu_kernels.greedy(logits)
+    assert found is not None
+    ids, top, log_norm = found
+    assert torch.equal(ids, logits.argmax(-1))
+    want = torch.log_softmax(logits.double(), -1).gather(1, ids[:, None]).squeeze(1)
+    torch.testing.assert_close((logits.gather(1, ids[:, None]).squeeze(1) - top - log_norm).double(), want,
+                               atol=2e-6, rtol=0)
+
+
+@needs_tiles
+def test_the_greedy_kernel_leaves_rows_with_a_nan_or_an_infinite_top_to_torch() -> None:
+    with_nan, with_inf, all_minus_inf = torch.zeros(3, 40), torch.zeros(3, 40), torch.zeros(3, 40)
+    with_nan[1, 17], with_inf[1, 17], all_minus_inf[1] = float("nan"), float("inf"), float("-inf")
+    for logits in (with_nan, with_inf, all_minus_inf):
+        assert cpu_kernels.greedy(logits) is None
+    assert cpu_kernels.greedy(torch.zeros(2, 40, dtype=torch.float64)) is None
+
+
+@needs_tiles
 def test_attention_of_projected_rows_is_the_same_with_and_without_the_rope_store_kernel(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """attend_projected on a prefill chunk beside a decode token: the kernel path and the torch path give the
