@@ -26,6 +26,8 @@ constexpr int64_t kRowBlock = 192;  // rows per block of four_tiles' row loop (t
 // 1.1-1.7x one tile at 2-5 rows (an MoE layer of 8 sequences routes about 2 rows to each expert), 1.1-1.3x at
 // 6-16 rows; one tile is faster for a single row.
 constexpr int kManyRows = 2;
+constexpr int64_t kChunkedRowsMin = 6, kChunkedRowsMax = 24;  // four_tiles_chunked's rows
+constexpr int64_t kChunkPairs = 32;
 constexpr int64_t kParallelRows = 64;  // fewer rows: an expert's element-wise steps run on one thread
 
 template <int R>
@@ -84,6 +86,67 @@ void four_tiles_upto(int rows, const uint16_t* x, int64_t ldx, const uint16_t* t
     if (rows < R) return four_tiles_upto<R - 1>(rows, x, ldx, tiles, tile_stride, y, ldy, pairs);
   }
   four_tiles<R>(x, ldx, tiles, tile_stride, y, ldy, pairs);
+}
+
+// Pairs [p0, p1) of four_tiles for R rows, its accumulators carried in `saved` ([4][R][16] floats) from one
+// part to the next. ahead > 0: also prefetch the tiles' pairs that far on into L2.
+template <int R>
+void four_tiles_part(const uint16_t* x, int64_t ldx, const uint16_t* tiles, int64_t tile_stride, float* saved,
+                     int64_t p0, int64_t p1, int64_t ahead) {
+  __m512 acc[4][R];
+  for (int t = 0; t < 4; t++)
+    for (int r = 0; r < R; r++) acc[t][r] = _mm512_loadu_ps(saved + (t * R + r) * kTile);
+  for (int64_t p = p0; p < p1; p++) {
+    __m512bh w[4];
+    for (int t = 0; t < 4; t++) {
+      w[t] = (__m512bh)_mm512_loadu_si512((const void*)(tiles + t * tile_stride + p * kTile * 2));
+      if (ahead) _mm_prefetch((const char*)(tiles + t * tile_stride + (p + ahead) * kTile * 2), _MM_HINT_T1);
+    }
+    for (int r = 0; r < R; r++) {
+      int32_t pair;
+      memcpy(&pair, x + r * ldx + 2 * p, sizeof pair);
+      const __m512bh xr = (__m512bh)_mm512_set1_epi32(pair);
+      for (int t = 0; t < 4; t++) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], w[t], xr);
+    }
+  }
+  for (int t = 0; t < 4; t++)
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(saved + (t * R + r) * kTile, acc[t][r]);
+}
+
+template <int R>
+void four_tiles_part_upto(int rows, const uint16_t* x, int64_t ldx, const uint16_t* tiles, int64_t tile_stride,
+                          float* saved, int64_t p0, int64_t p1, int64_t ahead) {
+  if constexpr (R > 1) {
+    if (rows < R) return four_tiles_part_upto<R - 1>(rows, x, ldx, tiles, tile_stride, saved, p0, p1, ahead);
+  }
+  four_tiles_part<R>(x, ldx, tiles, tile_stride, saved, p0, p1, ahead);
+}
+
+// Four tiles by kChunkedRowsMin..kChunkedRowsMax rows: the blocks of six rows take turns on each chunk of
+// kChunkPairs pairs (8 KiB of the four tiles, read from memory once and then from L1), and the first block
+// prefetches the next chunk, so the memory streams while the other blocks compute. Row by row blocks, the
+// first block waited for memory and the others then only computed: measured with 48 distinct experts,
+// 1.05-1.2x at 7-16 rows.
+void four_tiles_chunked(const uint16_t* x, int64_t m, int64_t ldx, const uint16_t* tiles, int64_t tile_stride,
+                        uint16_t* y, int64_t ldy, int64_t pairs) {
+  alignas(64) float saved[kChunkedRowsMax * 4 * kTile];
+  memset(saved, 0, sizeof(float) * m * 4 * kTile);
+  for (int64_t p0 = 0; p0 < pairs; p0 += kChunkPairs) {
+    const int64_t p1 = p0 + kChunkPairs < pairs ? p0 + kChunkPairs : pairs;
+    for (int64_t r = 0; r < m; r += 6) {
+      const int rows = (int)(m - r < 6 ? m - r : 6);
+      four_tiles_part_upto<6>(rows, x + r * ldx, ldx, tiles, tile_stride, saved + r * 4 * kTile, p0, p1,
+                              r == 0 ? kChunkPairs : 0);
+    }
+  }
+  for (int64_t r = 0; r < m; r += 6) {
+    const int rows = (int)(m - r < 6 ? m - r : 6);
+    const float* block = saved + r * 4 * kTile;
+    for (int t = 0; t < 4; t++)
+      for (int i = 0; i < rows; i++)
+        _mm256_storeu_si256((__m256i*)(y + (r + i) * ldy + t * kTile),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(block + (t * rows + i) * kTile)));
+  }
 }
 
 // e^x for 16 floats: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2 (Cephes' degree-6 polynomial, about
@@ -250,6 +313,12 @@ void moe_unpack_bf16(const uint16_t* tiles, uint16_t* w, int64_t n, int64_t k) {
 // y [M, N] = x [M, K] @ w.T for w packed by moe_pack_bf16; x and y row-major with leading dimensions k and n.
 void moe_linear_bf16(const uint16_t* x, const uint16_t* tiles, uint16_t* y, int64_t m, int64_t n, int64_t k) {
   const int64_t pairs = k / 2, tile_size = kTile * k;
+  if (m >= kChunkedRowsMin && m <= kChunkedRowsMax && (n / kTile) % 4 == 0) {
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < n / kTile; t += 4)
+      four_tiles_chunked(x, m, k, tiles + t * tile_size, tile_size, y + t * kTile, n, pairs);
+    return;
+  }
   if (m >= kManyRows && (n / kTile) % 4 == 0) {
     // Rows in blocks that stay in L2 while every tile passes by (one parallel region per block).
     for (int64_t r0 = 0; r0 < m; r0 += kRowBlock) {
