@@ -22,10 +22,11 @@ constexpr int kTile = 16;   // output rows per tile: one zmm of float32 accumula
 constexpr int kRows = 16;   // input rows per pass over a tile
 constexpr int kAhead = 256; // prefetch distance in k pairs (16 KiB of a tile)
 constexpr int64_t kRowBlock = 192;  // rows per block of four_tiles' row loop (the x block stays in L2)
-// From this many rows on, four_tiles. Measured on the 2-core machine with 48 distinct experts' w13 and w2:
-// 1.1-1.7x one tile at 2-5 rows (an MoE layer of 8 sequences routes about 2 rows to each expert), 1.1-1.3x at
-// 6-16 rows; one tile is faster for a single row.
-constexpr int kManyRows = 2;
+// From this many rows on, four_tiles (one tile: weights whose tiles are not a multiple of four). Measured on
+// the 2-core machine with 48 distinct experts' w13 and w2: 1.1-1.15x one tile at a single row (four streams
+// from memory per thread, not one), 1.1-1.7x at 2-5 rows (an MoE layer of 8 sequences routes about 2 rows to
+// each expert), 1.1-1.3x at 6-16 rows.
+constexpr int kManyRows = 1;
 constexpr int64_t kChunkedRowsMin = 6, kChunkedRowsMax = 24;  // four_tiles_chunked's rows
 constexpr int64_t kChunkPairs = 32;
 constexpr int64_t kParallelRows = 64;  // fewer rows: an expert's element-wise steps run on one thread
