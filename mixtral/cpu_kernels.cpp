@@ -187,48 +187,126 @@ __m512 round_bf16(__m512 v) {  // each float32 -> nearest bfloat16 (ties to even
   return widen_bf16((__m256i)_mm512_cvtneps_pbh(v));
 }
 
+// Sixteen horizontal sums at once: lane j of the result is the sum of v[j]'s 16 lanes, each summed in the
+// tree of _mm512_reduce_add_ps (halves, then quarters, then lanes 0+2 and 1+3), so the bits are the same.
+__m512 reduce_add_16(__m512 v[16]) {
+  __m512 w[8], x[4], y[2];
+  for (int i = 0; i < 8; i++)  // 128-bit blocks (0+2, 1+3) of v[2i] and of v[2i+1]
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; i++)  // block k: the four blocks of v[4i + k] summed
+    x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; i++)  // in each block, lanes (0+2, 1+3) of two vectors' sums
+    y[i] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * i], x[2 * i + 1], 0x44), _mm512_shuffle_ps(x[2 * i], x[2 * i + 1], 0xEE));
+  const __m512 z = _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], 0x88), _mm512_shuffle_ps(y[0], y[1], 0xDD));
+  // lane 4k + m of z holds the sum of v[4m + k]
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), z);
+}
+
+// acc[i] = the float32 dot products, in 32-wide bf16 pairs, of query q with key i of `keys` (rows dh apart),
+// for i < n; zero for the rest. P = dh / 32 when known at compile time (0: read dh).
+template <int P>
+void dot_keys(const uint16_t* q, const uint16_t* keys, int n, int64_t dh, __m512 acc[16]) {
+  const int64_t pieces = P > 0 ? P : dh / 32;
+  for (int i = 0; i < 16; i++) {
+    acc[i] = _mm512_setzero_ps();
+    if (i >= n) continue;
+    for (int64_t d = 0; d < pieces; d++)
+      acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_loadu_si512((const void*)(q + 32 * d)),
+                                (__m512bh)_mm512_loadu_si512((const void*)(keys + i * dh + 32 * d)));
+  }
+}
+
+// out[h][c] = bf16(sum_k p[h][k] * values[k][c]) for H heads' probabilities p ([H][nkeys], rows nkeys apart) and
+// C * 16 columns of the value rows (ldv apart), keys in ascending order: each value row is read once for
+// all H heads. H and C are template arguments so the H * C accumulators stay in registers.
+template <int H, int C>
+void weigh_values(const float* p, int64_t nkeys, const uint16_t* values, int64_t ldv, uint16_t* out) {
+  __m512 acc[H][C];
+  for (int h = 0; h < H; h++)
+    for (int c = 0; c < C; c++) acc[h][c] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < nkeys; k++) {
+    __m512 v[C];
+    for (int c = 0; c < C; c++) v[c] = bf16x16_to_float(values + k * ldv + 16 * c);
+    for (int h = 0; h < H; h++) {
+      const __m512 pk = _mm512_set1_ps(p[h * nkeys + k]);
+      for (int c = 0; c < C; c++) acc[h][c] = _mm512_fmadd_ps(pk, v[c], acc[h][c]);
+    }
+  }
+  for (int h = 0; h < H; h++)
+    for (int c = 0; c < C; c++)
+      _mm256_storeu_si256((__m256i*)(out + h * ldv + 16 * c), (__m256i)_mm512_cvtneps_pbh(acc[h][c]));
+}
+
+constexpr int kHeadsAtOnce = 4;  // query heads whose values pass shares each value row's loads
+
 // One sequence's query heads of one KV group over its cached keys: scores rounded to bfloat16 and scaled,
 // float32 softmax, probabilities rounded to bfloat16, float32 sum of values rounded to bfloat16 (the
-// roundings of the two bfloat16 batched matmuls this replaces). scores: scratch of keys floats.
+// roundings of the two bfloat16 batched matmuls this replaces). Scores are found sixteen keys at a time and
+// each value row is read once for up to kHeadsAtOnce heads; every sum is in the order of one head and one
+// key at a time. scores: scratch of group * nkeys floats.
 void attend_group(const uint16_t* q, int64_t group, int64_t dh, const uint16_t* keys, const uint16_t* values,
                   const uint8_t* mask, int64_t nkeys, float scale, float* scores, uint16_t* out) {
+  const __m512 scaled = _mm512_set1_ps(scale);
   for (int64_t g = 0; g < group; g++) {
     const uint16_t* qg = q + g * dh;
-    float top = -INFINITY;
-    for (int64_t j = 0; j < nkeys; j++) {
-      if (!mask[j]) { scores[j] = -INFINITY; continue; }
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t d = 0; d < dh; d += 32)
-        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512((const void*)(qg + d)),
-                               (__m512bh)_mm512_loadu_si512((const void*)(keys + j * dh + d)));
-      scores[j] = bf16_round(_mm512_reduce_add_ps(acc)) * scale;
-      top = scores[j] > top ? scores[j] : top;
+    float* sg = scores + g * nkeys;
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    for (int64_t j0 = 0; j0 < nkeys; j0 += 16) {
+      const int n = nkeys - j0 < 16 ? (int)(nkeys - j0) : 16;
+      __m512 acc[16];
+      switch (dh) {  // a head size known at compile time keeps the 16 sums in registers
+        case 64: dot_keys<2>(qg, keys + j0 * dh, n, dh, acc); break;
+        case 128: dot_keys<4>(qg, keys + j0 * dh, n, dh, acc); break;
+        default: dot_keys<0>(qg, keys + j0 * dh, n, dh, acc); break;
+      }
+      const __mmask16 live = (__mmask16)(n == 16 ? 0xffff : (1u << n) - 1);
+      const __m128i flags = _mm_maskz_loadu_epi8(live, mask + j0);
+      const __mmask16 attend = _mm_test_epi8_mask(flags, flags);
+      const __m512 sums = _mm512_mul_ps(round_bf16(reduce_add_16(acc)), scaled);
+      const __m512 masked = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), attend, sums);
+      _mm512_mask_storeu_ps(sg + j0, live, masked);
+      top = _mm512_mask_max_ps(top, live, top, masked);
     }
+    const __m512 most = _mm512_set1_ps(_mm512_reduce_max_ps(top));
     __m512 total = _mm512_setzero_ps();
     int64_t j = 0;
     for (; j + 16 <= nkeys; j += 16) {
-      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(scores + j), _mm512_set1_ps(top)));
-      _mm512_storeu_ps(scores + j, e);
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sg + j), most));
+      _mm512_storeu_ps(sg + j, e);
       total = _mm512_add_ps(total, e);
     }
     if (j < nkeys) {
       const __mmask16 tail = (__mmask16)((1u << (nkeys - j)) - 1);
-      const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, scores + j), _mm512_set1_ps(top)));
-      _mm512_mask_storeu_ps(scores + j, tail, e);
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, sg + j), most));
+      _mm512_mask_storeu_ps(sg + j, tail, e);
       total = _mm512_add_ps(total, _mm512_maskz_mov_ps(tail, e));
     }
-    const float inverse = 1.0f / _mm512_reduce_add_ps(total);
-    for (int64_t d0 = 0; d0 < dh; d0 += 64) {  // 64 output columns (4 accumulators) at a time
-      const int64_t width = dh - d0 < 64 ? dh - d0 : 64;
-      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-      for (int64_t k = 0; k < nkeys; k++) {
-        if (scores[k] == 0.0f) continue;
-        const __m512 p = _mm512_set1_ps(bf16_round(scores[k] * inverse));
-        for (int64_t c = 0; c < width / 16; c++)
-          acc[c] = _mm512_fmadd_ps(p, bf16x16_to_float(values + k * dh + d0 + 16 * c), acc[c]);
+    const __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+    for (j = 0; j + 16 <= nkeys; j += 16)  // the probabilities, as bf16 values
+      _mm512_storeu_ps(sg + j, round_bf16(_mm512_mul_ps(_mm512_loadu_ps(sg + j), inverse)));
+    if (j < nkeys) {
+      const __mmask16 tail = (__mmask16)((1u << (nkeys - j)) - 1);
+      _mm512_mask_storeu_ps(sg + j, tail, round_bf16(_mm512_mul_ps(_mm512_maskz_loadu_ps(tail, sg + j), inverse)));
+    }
+  }
+  for (int64_t g0 = 0; g0 < group; g0 += kHeadsAtOnce) {
+    const int heads = group - g0 < kHeadsAtOnce ? (int)(group - g0) : kHeadsAtOnce;
+    for (int64_t d0 = 0; d0 < dh; d0 += 64) {  // 64 output columns at a time (32 for a head size's last 32)
+      const bool half = dh - d0 < 64;
+      const float* p = scores + g0 * nkeys;
+      uint16_t* o = out + g0 * dh + d0;
+      switch (heads * 2 + half) {
+        case 2: weigh_values<1, 4>(p, nkeys, values + d0, dh, o); break;
+        case 3: weigh_values<1, 2>(p, nkeys, values + d0, dh, o); break;
+        case 4: weigh_values<2, 4>(p, nkeys, values + d0, dh, o); break;
+        case 5: weigh_values<2, 2>(p, nkeys, values + d0, dh, o); break;
+        case 6: weigh_values<3, 4>(p, nkeys, values + d0, dh, o); break;
+        case 7: weigh_values<3, 2>(p, nkeys, values + d0, dh, o); break;
+        case 8: weigh_values<4, 4>(p, nkeys, values + d0, dh, o); break;
+        default: weigh_values<4, 2>(p, nkeys, values + d0, dh, o); break;
       }
-      for (int64_t c = 0; c < width / 16; c++)
-        _mm256_storeu_si256((__m256i*)(out + g * dh + d0 + 16 * c), (__m256i)_mm512_cvtneps_pbh(acc[c]));
     }
   }
 }
@@ -352,7 +430,7 @@ int moe_decode_attention_bf16(const uint16_t* q, const uint16_t* k_cache, const 
   int failed = 0;
 #pragma omp parallel
   {
-    float* scores = (float*)malloc(sizeof(float) * (nkeys > 0 ? nkeys : 1));
+    float* scores = (float*)malloc(sizeof(float) * (group * nkeys > 0 ? group * nkeys : 1));
     if (scores == NULL) {
 #pragma omp atomic write
       failed = 1;
