@@ -48,6 +48,41 @@ def build_metadata(slots: list[int], num_cached: list[int], num_new: list[int], 
     Example: num_cached [0, 5], num_new [3, 1] (a 3-token prompt beside a decode step) gives
     positions [0, 1, 2, 5], Q = 3 and padded_index [0, 1, 2, 3].
     """
+    if max(num_new) == 1 and max(num_cached) < capacity:
+        return _decode_metadata(slots, num_cached, window, device)
+    return _ragged_metadata(slots, num_cached, num_new, capacity, window, device)
+
+
+def _decode_metadata(slots: list[int], num_cached: list[int], window: int | None,
+                     device: torch.device | str) -> AttentionMetadata:
+    """`build_metadata` of a step that feeds each sequence one token, none of them past the ring's end: ring
+    index p holds position p, so the keys are positions 0..num_cached[b] (5 torch ops, not about 25)."""
+    cached = torch.tensor(num_cached, dtype=torch.int64)
+    slot_ids = torch.tensor(slots, dtype=torch.int64, device=device)
+    key_pos = torch.arange(max(num_cached) + 1)[None, :]  # [1, K]
+    mask = key_pos <= cached[:, None]  # [B, K]
+    if window is not None:
+        mask &= cached[:, None] - key_pos < window
+    positions = cached.to(device)
+    first = slots[0]
+    return AttentionMetadata(
+        positions=positions,
+        slots=slot_ids,
+        slot_range=(first, first + len(slots)) if slots == list(range(first, first + len(slots))) else None,
+        padded_index=None,
+        num_new_max=1,
+        num_cached_keys=key_pos.shape[1],
+        attend_before_write=False,
+        write_rows=torch.arange(len(slots), device=device),
+        write_slots=slot_ids,
+        write_ring=positions,
+        mask=mask[:, None, None, :].to(device),
+    )
+
+
+def _ragged_metadata(slots: list[int], num_cached: list[int], num_new: list[int], capacity: int,
+                     window: int | None, device: torch.device | str) -> AttentionMetadata:
+    """`build_metadata` of any step: prompt chunks, decode tokens, rings that wrapped."""
     new = torch.tensor(num_new, dtype=torch.int64)
     cached = torch.tensor(num_cached, dtype=torch.int64)
     num_new_max = max(num_new)

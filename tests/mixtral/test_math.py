@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mixtral import cpu_kernels
-from mixtral.attention import attend_projected, build_metadata
+from mixtral.attention import _ragged_metadata, attend_projected, build_metadata
 from mixtral.block import rms_norm
 from mixtral.expert import (
     ExpertWeights,
@@ -275,6 +275,21 @@ def test_metadata_worked_example_prompt_beside_decode() -> None:
     mask = meta.mask[:, 0]
     assert mask[0, :, :3].tolist() == [[True, False, False], [True, True, False], [True, True, True]]
     assert mask[1, 0, :6].tolist() == [True] * 6  # the decoding token sees its 5 cached + itself
+
+
+@settings(max_examples=80, deadline=None)
+@given(cached=st.lists(st.integers(0, 40), min_size=1, max_size=6), capacity=st.integers(1, 48),
+       window=st.none() | st.integers(1, 50), shuffled=st.booleans())
+def test_decode_metadata_is_the_general_metadata_of_one_token_per_sequence(
+        cached: list[int], capacity: int, window: int | None, shuffled: bool) -> None:
+    """The short path of a decode step (one token each, no ring wrapped) builds what the general path does."""
+    slots = list(range(len(cached)))[::-1] if shuffled else list(range(2, 2 + len(cached)))
+    num_new = [1] * len(cached)
+    got = build_metadata(slots, cached, num_new, capacity, window)
+    want = _ragged_metadata(slots, cached, num_new, capacity, window, "cpu")
+    for field in want.__dataclass_fields__:
+        a, b = getattr(got, field), getattr(want, field)
+        assert (torch.equal(a, b) and a.dtype == b.dtype) if isinstance(b, torch.Tensor) else a == b, field
 
 
 def test_metadata_of_a_chunk_longer_than_the_window_writes_only_its_last_window() -> None:
