@@ -406,9 +406,9 @@ def test_attention_of_projected_rows_is_the_same_with_and_without_the_rope_store
     cos, sin = rope_cos_sin(meta.positions, rope_inv_freq(32, 1e4), torch.bfloat16)
     fused = [torch.randn(2, 2, 16, 32, generator=g).bfloat16() for _ in "kv"]
     plain = [c.clone() for c in fused]
-    with_kernel = attend_projected(qkv, cos, sin, *fused, 4, meta)
+    with_kernel = attend_projected(qkv, cos, sin, fused[0], fused[1], 4, meta)
     monkeypatch.setattr(cpu_kernels, "ropes", lambda *args: False)
-    without = attend_projected(qkv, cos, sin, *plain, 4, meta)
+    without = attend_projected(qkv, cos, sin, plain[0], plain[1], 4, meta)
     assert torch.equal(with_kernel, without)
     assert all(torch.equal(a, b) for a, b in zip(fused, plain, strict=True))
 
