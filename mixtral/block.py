@@ -18,7 +18,7 @@ from mixtral import cpu_kernels
 from mixtral.attention import AttentionMetadata, attend_projected
 from mixtral.config import ModelConfig
 from mixtral.gate import route
-from mixtral.linear import Projection
+from mixtral.linear import Layout, Projection
 
 
 class PendingExperts(Protocol):
@@ -76,6 +76,9 @@ class DecoderLayer:
         self.index = index
         self.weights = weights
         self.experts = experts
+        # Whether decode steps can run `cpu_kernels.decode_block`: every projection tiled, a gate to route with.
+        self._tiled = weights.gate is not None and all(
+            p.layout is Layout.TILES for p in (weights.wqkv, weights.wo, weights.gate))
 
     def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
                  meta: AttentionMetadata) -> Tensor:
@@ -91,8 +94,22 @@ class DecoderLayer:
 
     def attend_and_route(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
                          meta: AttentionMetadata) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Attention and the gate: (residual [T, D], normed input of the experts [T, D], ids [T, K], weights [T, K])."""
+        """Attention and the gate: (residual [T, D], normed input of the experts [T, D], ids [T, K], weights [T, K]).
+
+        A decode step of tiled bf16 weights runs everything up to the gate's logits in one kernel call
+        (`cpu_kernels.decode_block`, the bits of the separate calls below).
+        """
         eps = self.config.rms_norm_eps
+        w = self.weights
+        if (self._tiled and meta.num_new_max == 1 and not meta.attend_before_write
+                and cpu_kernels.blocks(x, k_cache, v_cache)):
+            assert w.gate is not None
+            x, h, logits = cpu_kernels.decode_block(
+                x, w.input_norm, w.post_attention_norm, eps, w.wqkv.weight, w.wo.weight, w.gate.weight,
+                self.config.num_attention_heads, cos, sin, k_cache, v_cache, meta.slots, meta.positions,
+                meta.mask.reshape(meta.slots.shape[0], -1))
+            weights, expert_ids = route(w.gate.cut(logits), self.config.num_experts_per_tok)
+            return x, h, expert_ids, weights
         x = x + self._attention(rms_norm(x, self.weights.input_norm, eps), cos, sin, k_cache, v_cache, meta)
         h = rms_norm(x, self.weights.post_attention_norm, eps)
         expert_ids, gate_weights = self._gate(h)

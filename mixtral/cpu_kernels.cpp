@@ -612,4 +612,53 @@ int moe_greedy_f32(const float* x, int64_t rows, int64_t vocab, int64_t* ids, fl
   return failed ? -1 : 0;
 }
 
+
+// One decoder layer's attention half for a decode step (one token per sequence, none past its ring's end),
+// and the gate's logits, in one call: n = RMSNorm(x, norm1); qkv = n @ wqkv.T; rotary embedding, the keys'
+// and values' store at ring[b] of slot slots[b], attention over the first nkeys ring entries (mask [T, nkeys]);
+// x_out = x + attn @ wo.T; h = RMSNorm(x_out, norm2); logits = h @ gate.T ([T, gate_n], tiles). Each step is
+// the kernel the separate calls use, so the bits are theirs. Returns 0, or -1 when scratch could not be had.
+int moe_decode_block_bf16(const uint16_t* x, int64_t tokens, int64_t d, const uint16_t* norm1,
+                          const uint16_t* norm2, float eps, const uint16_t* wqkv, const uint16_t* wo,
+                          const uint16_t* gate, int64_t gate_n, int64_t heads, int64_t kv_heads, int64_t dh,
+                          const uint16_t* cos, const uint16_t* sin, uint16_t* k_cache, uint16_t* v_cache,
+                          int64_t capacity, const int64_t* slots, const int64_t* ring, const uint8_t* mask,
+                          int64_t nkeys, float scale, uint16_t* x_out, uint16_t* h, uint16_t* logits) {
+  const int64_t q_size = heads * dh, qkv_n = (heads + 2 * kv_heads) * dh;
+  // Scratch rows start on cache lines, as torch's tensors do (a row across two lines slows every load of it).
+  const auto lines = [tokens](int64_t width) { return (tokens * width + 31) / 32 * 32; };
+  void* memory = NULL;
+  if (posix_memalign(&memory, 64, sizeof(uint16_t) * (2 * lines(d) + lines(qkv_n) + 2 * lines(q_size))) != 0)
+    memory = NULL;
+  int64_t* rows = (int64_t*)malloc(sizeof(int64_t) * (tokens > 0 ? tokens : 1));
+  if (memory == NULL || rows == NULL) {
+    free(memory);
+    free(rows);
+    return -1;
+  }
+  uint16_t *normed = (uint16_t*)memory, *qkv = normed + lines(d), *q = qkv + lines(qkv_n), *attn = q + lines(q_size),
+           *o = attn + lines(q_size);
+  for (int64_t t = 0; t < tokens; t++) rows[t] = t;
+  moe_rms_norm_bf16(x, norm1, normed, tokens, d, eps);
+  moe_linear_bf16(normed, wqkv, qkv, tokens, qkv_n, d);
+  moe_rope_store_bf16(qkv, tokens, heads, kv_heads, dh, cos, sin, q, rows, slots, ring, tokens, k_cache, v_cache,
+                      capacity);
+  int status = moe_decode_attention_bf16(q, k_cache, v_cache, slots, mask, attn, tokens, heads, kv_heads, capacity,
+                                         dh, nkeys, scale);
+  if (status == 0) {
+    moe_linear_bf16(attn, wo, o, tokens, d, q_size);
+#pragma omp parallel for schedule(static) if (tokens >= kParallelRows)
+    for (int64_t t = 0; t < tokens; t++)
+      for (int64_t j = 0; j < d; j += 16) {  // the residual: bf16(x + o), torch's bf16 add
+        const __m512 sum = _mm512_add_ps(bf16x16_to_float(x + t * d + j), bf16x16_to_float(o + t * d + j));
+        _mm256_storeu_si256((__m256i*)(x_out + t * d + j), (__m256i)_mm512_cvtneps_pbh(sum));
+      }
+    moe_rms_norm_bf16(x_out, norm2, h, tokens, d, eps);
+    moe_linear_bf16(h, gate, logits, tokens, gate_n, d);
+  }
+  free(memory);
+  free(rows);
+  return status;
+}
+
 }  // extern "C"

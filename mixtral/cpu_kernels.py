@@ -12,7 +12,9 @@ the two batched matmuls it replaces copied every cached key and value of the ste
 `moe_experts` runs a whole MoE layer on tiled expert stacks (grouping, gather, SwiGLU, weighted sum) with
 the bits of the per-expert torch loop; `rms_norm` is RMSNorm of bf16 rows in one call; `rope_store` rotates
 a step's queries and keys and stores its keys and values in the ring cache in one pass; `greedy` finds each
-logit row's greedy token and log-normaliser in two passes over the row.
+logit row's greedy token and log-normaliser in two passes over the row; `decode_block` runs a decode step's
+attention half of a layer (norm, QKV, rotary embedding and cache store, attention, output projection, residual,
+second norm, gate logits) in one call.
 
 `available()` is False where the library was not built (no compiler at install, not x86-64) or the CPU
 lacks AVX512-BF16; callers then use oneDNN through torch.
@@ -47,6 +49,10 @@ def _library() -> ctypes.CDLL | None:
     library.moe_rms_norm_bf16.argtypes = [pointer, pointer, pointer, size, size, ctypes.c_float]
     library.moe_experts_bf16.argtypes = [pointer, size, size, size, pointer, pointer, size, pointer, size, pointer,
                                          pointer, pointer, pointer]
+    number = ctypes.c_float
+    library.moe_decode_block_bf16.argtypes = [pointer, size, size, pointer, pointer, number, pointer, pointer, pointer,
+                                              size, size, size, size, pointer, pointer, pointer, pointer, size,
+                                              pointer, pointer, pointer, size, number, pointer, pointer, pointer]
     library.moe_greedy_f32.argtypes = [pointer, size, size, pointer, pointer, pointer]
     library.moe_rope_store_bf16.argtypes = [pointer, size, size, size, size, pointer, pointer, pointer, pointer,
                                             pointer, pointer, size, pointer, pointer, size]
@@ -231,6 +237,50 @@ def rope_store(qkv: Tensor, cos: Tensor, sin: Tensor, heads: int, k_cache: Tenso
                                 sin.data_ptr(), q.data_ptr(), rows.data_ptr(), slots.data_ptr(), ring.data_ptr(),
                                 rows.shape[0], k_cache.data_ptr(), v_cache.data_ptr(), capacity)
     return q
+
+
+def blocks(x: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:
+    """Whether `decode_block` takes these rows and caches: bfloat16 rows [T, D] on the CPU with D a multiple of
+    16, contiguous bfloat16 caches of a head size that is a multiple of 32, kernels available."""
+    return (x.dtype == k_cache.dtype == v_cache.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2
+            and x.shape[1] % TILE == 0 and k_cache.dim() == 4 and k_cache.shape[-1] % 32 == 0
+            and k_cache.shape == v_cache.shape and k_cache.is_contiguous() and v_cache.is_contiguous() and available())
+
+
+def decode_block(x: Tensor, norm1: Tensor, norm2: Tensor, eps: float, wqkv: Tensor, wo: Tensor, gate: Tensor,
+                 heads: int, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
+                 positions: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A decode step's attention half of a decoder layer and its gate logits, in one call; every step rounds
+    where the separate kernels do, so the bits are theirs.
+
+    x [T, D]: one token per sequence, at `positions` [T] of cache slots `slots` [T], none past its ring's end;
+    norm1, norm2 [D]; wqkv, wo and gate tiled (`to_tiles`; gate [G, D] padded to whole tiles); cos and sin
+    [T, Dh]; caches [S, Hkv, C, Dh], the step's keys and values stored into them; mask [T, K] bool over the
+    first K ring entries. Returns (x + attention [T, D], RMSNorm of it with norm2 [T, D], gate logits [T, G]).
+    """
+    library = _library()
+    if library is None or not blocks(x, k_cache, v_cache):
+        raise ValueError(f"no decode block kernel for {x.dtype} rows {tuple(x.shape)} and caches "
+                         f"{tuple(k_cache.shape)}")
+    tokens, d = x.shape
+    _, kv_heads, capacity, head_size = k_cache.shape
+    if (tuple(wqkv.shape) != ((heads + 2 * kv_heads) * head_size, d) or tuple(wo.shape) != (d, heads * head_size)
+            or gate.shape[1] != d or mask.shape[0] != tokens or not all(map(tiles_for, (wqkv, wo, gate)))):
+        raise ValueError(f"decode block weights {tuple(wqkv.shape)}, {tuple(wo.shape)}, {tuple(gate.shape)} do not fit "
+                         f"{heads} heads and caches {tuple(k_cache.shape)}")
+    x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
+    slots, positions = slots.to(torch.int64).contiguous(), positions.to(torch.int64).contiguous()
+    mask = mask.to(torch.bool).contiguous()
+    x_out, h = torch.empty_like(x), torch.empty_like(x)
+    logits = torch.empty(tokens, gate.shape[0], dtype=x.dtype)
+    status = library.moe_decode_block_bf16(
+        x.data_ptr(), tokens, d, norm1.contiguous().data_ptr(), norm2.contiguous().data_ptr(), eps,
+        wqkv.data_ptr(), wo.data_ptr(), gate.data_ptr(), gate.shape[0], heads, kv_heads, head_size, cos.data_ptr(),
+        sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), capacity, slots.data_ptr(), positions.data_ptr(),
+        mask.data_ptr(), mask.shape[1], head_size**-0.5, x_out.data_ptr(), h.data_ptr(), logits.data_ptr())
+    if status != 0:
+        raise MemoryError(f"the decode block could not allocate scratch for {tokens} rows")
+    return x_out, h, logits
 
 
 def greedy(logits: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:

@@ -113,7 +113,9 @@ class Projection:
         features = self.weight.shape[0] if self.features is None else self.features
         if x.numel() == 0:
             return x.new_empty(*x.shape[:-1], features)
-        out = linear(x.reshape(-1, x.shape[-1]), self.weight, self.layout)
-        if self.features is not None:
-            out = out[:, :features]
+        out = self.cut(linear(x.reshape(-1, x.shape[-1]), self.weight, self.layout))
         return out.reshape(*x.shape[:-1], features)
+
+    def cut(self, out: Tensor) -> Tensor:
+        """Outputs [M, N + padding] of the laid-out weight -> the weight's own [M, N]."""
+        return out if self.features is None else out[:, :self.features]

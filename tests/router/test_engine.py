@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from cluster.deploy import LocalConfig, build_engine, load_local_model
+from mixtral import cpu_kernels
 from mixtral.attention import build_metadata
 from mixtral.model import Mixtral
 from router.engine import Completion, Engine, EngineConfig, RequestError
@@ -180,3 +181,26 @@ def test_a_kv_cache_budget_holds_whole_sequences_only(model: Mixtral) -> None:
     assert slots_within(c, 100, torch.float32, 3 * per_slot + per_slot // 2) == 3
     with pytest.raises(ValueError, match="holds no sequence of 100 positions"):
         slots_within(c, 100, torch.float32, per_slot - 1)
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="moe-cluster's CPU kernels are not built here")
+def test_bf16_decode_steps_through_the_fused_layer_kernel_give_the_bits_of_the_separate_kernels(
+        hf_checkpoint: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode step runs each layer's attention half in one kernel call (cpu_kernels.decode_block); tokens,
+    log-probabilities and the KV cache are bit for bit those of the separate kernel calls."""
+    bf16 = load_local_model(LocalConfig(hf_checkpoint(hidden_size=128, num_attention_heads=4, num_key_value_heads=2),
+                                        dtype="bfloat16", device="cpu"))
+    params = [dataclasses.replace(GREEDY, max_new_tokens=n) for n in (12, 5, 9)]
+    calls = []
+    fused_block = cpu_kernels.decode_block
+    monkeypatch.setattr(cpu_kernels, "decode_block", lambda *a: calls.append(1) or fused_block(*a))
+    fused_engine = engine_for(bf16)
+    fused = fused_engine.generate(PROMPTS, params)
+    assert len(calls) == 11 * bf16.config.num_hidden_layers  # every decode step, every layer
+    monkeypatch.setattr(cpu_kernels, "blocks", lambda *a: False)
+    separate_engine = engine_for(bf16)
+    separate = separate_engine.generate(PROMPTS, params)
+    for a, b in zip(fused, separate, strict=True):
+        assert a.token_ids == b.token_ids and a.logprobs == b.logprobs
+    for (k1, v1), (k2, v2) in zip(fused_engine.cache.layers, separate_engine.cache.layers, strict=True):
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
