@@ -106,10 +106,10 @@ class DecoderLayer:
             assert w.gate is not None
             x, h, logits = cpu_kernels.decode_block(
                 x, w.input_norm, w.post_attention_norm, eps, w.wqkv.weight, w.wo.weight, w.gate.weight,
-                self.config.num_attention_heads, cos, sin, k_cache, v_cache, meta.slots, meta.positions,
+                self.config.num_attention_heads, cos, sin, k_cache, v_cache, meta.slots, meta.write_ring,
                 meta.mask.reshape(meta.slots.shape[0], -1))
-            weights, expert_ids = route(w.gate.cut(logits), self.config.num_experts_per_tok)
-            return x, h, expert_ids, weights
+            gate_weights, expert_ids = route(w.gate.cut(logits), self.config.num_experts_per_tok)
+            return x, h, expert_ids, gate_weights
         x = x + self._attention(rms_norm(x, self.weights.input_norm, eps), cos, sin, k_cache, v_cache, meta)
         h = rms_norm(x, self.weights.post_attention_norm, eps)
         expert_ids, gate_weights = self._gate(h)

@@ -613,7 +613,7 @@ int moe_greedy_f32(const float* x, int64_t rows, int64_t vocab, int64_t* ids, fl
 }
 
 
-// One decoder layer's attention half for a decode step (one token per sequence, none past its ring's end),
+// One decoder layer's attention half for a decode step (one token per sequence),
 // and the gate's logits, in one call: n = RMSNorm(x, norm1); qkv = n @ wqkv.T; rotary embedding, the keys'
 // and values' store at ring[b] of slot slots[b], attention over the first nkeys ring entries (mask [T, nkeys]);
 // x_out = x + attn @ wo.T; h = RMSNorm(x_out, norm2); logits = h @ gate.T ([T, gate_n], tiles). Each step is

@@ -249,13 +249,13 @@ def blocks(x: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:
 
 def decode_block(x: Tensor, norm1: Tensor, norm2: Tensor, eps: float, wqkv: Tensor, wo: Tensor, gate: Tensor,
                  heads: int, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
-                 positions: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                 ring: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """A decode step's attention half of a decoder layer and its gate logits, in one call; every step rounds
     where the separate kernels do, so the bits are theirs.
 
-    x [T, D]: one token per sequence, at `positions` [T] of cache slots `slots` [T], none past its ring's end;
-    norm1, norm2 [D]; wqkv, wo and gate tiled (`to_tiles`; gate [G, D] padded to whole tiles); cos and sin
-    [T, Dh]; caches [S, Hkv, C, Dh], the step's keys and values stored into them; mask [T, K] bool over the
+    x [T, D]: one token per sequence, its keys and values stored at ring index `ring` [T] of cache slot `slots`
+    [T] (cos and sin [T, Dh] are its position's angles); norm1, norm2 [D]; wqkv, wo and gate tiled
+    (`to_tiles`; gate [G, D] padded to whole tiles); caches [S, Hkv, C, Dh]; mask [T, K] bool over the
     first K ring entries. Returns (x + attention [T, D], RMSNorm of it with norm2 [T, D], gate logits [T, G]).
     """
     library = _library()
@@ -269,14 +269,14 @@ def decode_block(x: Tensor, norm1: Tensor, norm2: Tensor, eps: float, wqkv: Tens
         raise ValueError(f"decode block weights {tuple(wqkv.shape)}, {tuple(wo.shape)}, {tuple(gate.shape)} do not fit "
                          f"{heads} heads and caches {tuple(k_cache.shape)}")
     x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
-    slots, positions = slots.to(torch.int64).contiguous(), positions.to(torch.int64).contiguous()
+    slots, ring = slots.to(torch.int64).contiguous(), ring.to(torch.int64).contiguous()
     mask = mask.to(torch.bool).contiguous()
     x_out, h = torch.empty_like(x), torch.empty_like(x)
     logits = torch.empty(tokens, gate.shape[0], dtype=x.dtype)
     status = library.moe_decode_block_bf16(
         x.data_ptr(), tokens, d, norm1.contiguous().data_ptr(), norm2.contiguous().data_ptr(), eps,
         wqkv.data_ptr(), wo.data_ptr(), gate.data_ptr(), gate.shape[0], heads, kv_heads, head_size, cos.data_ptr(),
-        sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), capacity, slots.data_ptr(), positions.data_ptr(),
+        sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), capacity, slots.data_ptr(), ring.data_ptr(),
         mask.data_ptr(), mask.shape[1], head_size**-0.5, x_out.data_ptr(), h.data_ptr(), logits.data_ptr())
     if status != 0:
         raise MemoryError(f"the decode block could not allocate scratch for {tokens} rows")

@@ -184,12 +184,14 @@ def test_a_kv_cache_budget_holds_whole_sequences_only(model: Mixtral) -> None:
 
 
 @pytest.mark.skipif(not cpu_kernels.available(), reason="moe-cluster's CPU kernels are not built here")
+@pytest.mark.parametrize("window", [None, 8])  # 8: the ring wraps during the generation
 def test_bf16_decode_steps_through_the_fused_layer_kernel_give_the_bits_of_the_separate_kernels(
-        hf_checkpoint: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
+        window: int | None, hf_checkpoint: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
     """A decode step runs each layer's attention half in one kernel call (cpu_kernels.decode_block); tokens,
     log-probabilities and the KV cache are bit for bit those of the separate kernel calls."""
-    bf16 = load_local_model(LocalConfig(hf_checkpoint(hidden_size=128, num_attention_heads=4, num_key_value_heads=2),
-                                        dtype="bfloat16", device="cpu"))
+    checkpoint = hf_checkpoint(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, sliding_window=window)
+    bf16 = load_local_model(LocalConfig(checkpoint, dtype="bfloat16", device="cpu"))
+    assert bf16.config.sliding_window == window
     params = [dataclasses.replace(GREEDY, max_new_tokens=n) for n in (12, 5, 9)]
     calls = []
     fused_block = cpu_kernels.decode_block
