@@ -265,9 +265,12 @@ def decode_block(x: Tensor, norm1: Tensor, norm2: Tensor, eps: float, wqkv: Tens
     tokens, d = x.shape
     _, kv_heads, capacity, head_size = k_cache.shape
     if (tuple(wqkv.shape) != ((heads + 2 * kv_heads) * head_size, d) or tuple(wo.shape) != (d, heads * head_size)
-            or gate.shape[1] != d or mask.shape[0] != tokens or not all(map(tiles_for, (wqkv, wo, gate)))):
-        raise ValueError(f"decode block weights {tuple(wqkv.shape)}, {tuple(wo.shape)}, {tuple(gate.shape)} do not fit "
-                         f"{heads} heads and caches {tuple(k_cache.shape)}")
+            or gate.shape[1] != d or mask.shape[0] != tokens or not all(map(tiles_for, (wqkv, wo, gate)))
+            or not tuple(cos.shape) == tuple(sin.shape) == (tokens, head_size) or cos.dtype != torch.bfloat16
+            or sin.dtype != torch.bfloat16 or not all(n.dtype == torch.bfloat16 and tuple(n.shape) == (d,)
+                                                      for n in (norm1, norm2))):
+        raise ValueError(f"decode block weights {tuple(wqkv.shape)}, {tuple(wo.shape)}, {tuple(gate.shape)}, norms "
+                         f"and angles do not fit {tokens} bf16 rows, {heads} heads and caches {tuple(k_cache.shape)}")
     x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
     slots, ring = slots.to(torch.int64).contiguous(), ring.to(torch.int64).contiguous()
     mask = mask.to(torch.bool).contiguous()
