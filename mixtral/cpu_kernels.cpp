@@ -198,7 +198,8 @@ __m512 reduce_add_16(__m512 v[16]) {
     x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0x88),
                          _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0xDD));
   for (int i = 0; i < 2; i++)  // in each block, lanes (0+2, 1+3) of two vectors' sums
-    y[i] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * i], x[2 * i + 1], 0x44), _mm512_shuffle_ps(x[2 * i], x[2 * i + 1], 0xEE));
+    y[i] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * i], x[2 * i + 1], 0x44),
+                         _mm512_shuffle_ps(x[2 * i], x[2 * i + 1], 0xEE));
   const __m512 z = _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], 0x88), _mm512_shuffle_ps(y[0], y[1], 0xDD));
   // lane 4k + m of z holds the sum of v[4m + k]
   return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), z);
@@ -219,8 +220,8 @@ void dot_keys(const uint16_t* q, const uint16_t* keys, int n, int64_t dh, __m512
 }
 
 // out[h][c] = bf16(sum_k p[h][k] * values[k][c]) for H heads' probabilities p ([H][nkeys], rows nkeys apart) and
-// C * 16 columns of the value rows (ldv apart), keys in ascending order: each value row is read once for
-// all H heads. H and C are template arguments so the H * C accumulators stay in registers.
+// C * 16 columns of the value rows (ldv apart; so are out's rows), keys in ascending order: each value row is
+// read once for all H heads. H and C are template arguments so the H * C accumulators stay in registers.
 template <int H, int C>
 void weigh_values(const float* p, int64_t nkeys, const uint16_t* values, int64_t ldv, uint16_t* out) {
   __m512 acc[H][C];
@@ -557,7 +558,6 @@ void moe_rope_store_bf16(const uint16_t* qkv, int64_t tokens, int64_t heads, int
   }
 }
 
-
 // Each float32 logit row's greedy token and log-normaliser: rows x [R, V] -> ids[r], the first index of the
 // row's largest value, top[r], that value, and log_norm[r] = log(sum_j e^(x_j - top)), summed in float64, so
 // that x_j's log-probability is x_j - top - log_norm (log_softmax's formula). Returns 0, or -1 when a row
@@ -568,7 +568,8 @@ int moe_greedy_f32(const float* x, int64_t rows, int64_t vocab, int64_t* ids, fl
   for (int64_t r = 0; r < rows; r++) {
     const float* row = x + r * vocab;
     __m512 best = _mm512_set1_ps(-INFINITY);
-    __m512i best_at = _mm512_set1_epi32(0), at = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512i best_at = _mm512_set1_epi32(0);
+    __m512i at = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     __mmask16 nan = 0;
     int64_t j = 0;
     for (; j + 16 <= vocab; j += 16) {
