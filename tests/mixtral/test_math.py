@@ -353,8 +353,8 @@ def test_the_rope_store_kernel_gives_the_bits_of_rope_then_store_and_leaves_othe
     tokens = sum(num_new)
     qkv = (torch.randn(tokens, (heads + 2 * kv_heads) * head_size, generator=g) * scale).bfloat16()
     cos, sin = rope_cos_sin(meta.positions, rope_inv_freq(head_size, 1e6), torch.bfloat16)
-    caches = [torch.randn(batch + 2, kv_heads, capacity, head_size, generator=g).bfloat16() for _ in range(4)]
-    k_cache, v_cache, k_want, v_want = caches[0], caches[1], caches[0].clone(), caches[1].clone()
+    k_cache, v_cache = (torch.randn(batch + 2, kv_heads, capacity, head_size, generator=g).bfloat16() for _ in "kv")
+    k_want, v_want = k_cache.clone(), v_cache.clone()  # the caches as the torch path leaves them
 
     q = cpu_kernels.rope_store(qkv, cos, sin, heads, k_cache, v_cache, meta.write_rows, meta.write_slots,
                                meta.write_ring)
