@@ -47,6 +47,25 @@ void tile_rows(const uint16_t* x, int64_t ldx, const uint16_t* tile, uint16_t* y
   for (int r = 0; r < R; r++) _mm256_storeu_si256((__m256i*)(y + r * ldy), (__m256i)_mm512_cvtneps_pbh(acc[r]));
 }
 
+// Pair p of four tiles by R rows: acc[t][r] += the dot product of tile t's pair p with row r's pair p.
+// ahead > 0: also prefetch the tiles' pairs that far on into L2.
+template <int R>
+__attribute__((always_inline)) inline void four_tiles_pair(const uint16_t* x, int64_t ldx, const uint16_t* tiles,
+                                                           int64_t tile_stride, int64_t p, int64_t ahead,
+                                                           __m512 (&acc)[4][R]) {
+  __m512bh w[4];
+  for (int t = 0; t < 4; t++) {
+    w[t] = (__m512bh)_mm512_loadu_si512((const void*)(tiles + t * tile_stride + p * kTile * 2));
+    if (ahead) _mm_prefetch((const char*)(tiles + t * tile_stride + (p + ahead) * kTile * 2), _MM_HINT_T1);
+  }
+  for (int r = 0; r < R; r++) {
+    int32_t pair;
+    memcpy(&pair, x + r * ldx + 2 * p, sizeof pair);
+    const __m512bh xr = (__m512bh)_mm512_set1_epi32(pair);
+    for (int t = 0; t < 4; t++) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], w[t], xr);
+  }
+}
+
 // Four tiles by six rows at once (24 accumulators): the blocking for many rows, where the tiles stay in
 // L2 across row blocks and each weight load feeds six dot products.
 template <int R>
@@ -55,16 +74,7 @@ void four_tiles(const uint16_t* x, int64_t ldx, const uint16_t* tiles, int64_t t
   __m512 acc[4][R];
   for (int t = 0; t < 4; t++)
     for (int r = 0; r < R; r++) acc[t][r] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < pairs; p++) {
-    __m512bh w[4];
-    for (int t = 0; t < 4; t++) w[t] = (__m512bh)_mm512_loadu_si512((const void*)(tiles + t * tile_stride + p * kTile * 2));
-    for (int r = 0; r < R; r++) {
-      int32_t pair;
-      memcpy(&pair, x + r * ldx + 2 * p, sizeof pair);
-      const __m512bh xr = (__m512bh)_mm512_set1_epi32(pair);
-      for (int t = 0; t < 4; t++) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], w[t], xr);
-    }
-  }
+  for (int64_t p = 0; p < pairs; p++) four_tiles_pair<R>(x, ldx, tiles, tile_stride, p, 0, acc);
   for (int t = 0; t < 4; t++)
     for (int r = 0; r < R; r++)
       _mm256_storeu_si256((__m256i*)(y + r * ldy + t * kTile), (__m256i)_mm512_cvtneps_pbh(acc[t][r]));
@@ -90,26 +100,14 @@ void four_tiles_upto(int rows, const uint16_t* x, int64_t ldx, const uint16_t* t
 }
 
 // Pairs [p0, p1) of four_tiles for R rows, its accumulators carried in `saved` ([4][R][16] floats) from one
-// part to the next. ahead > 0: also prefetch the tiles' pairs that far on into L2.
+// part to the next; `ahead` as in four_tiles_pair.
 template <int R>
 void four_tiles_part(const uint16_t* x, int64_t ldx, const uint16_t* tiles, int64_t tile_stride, float* saved,
                      int64_t p0, int64_t p1, int64_t ahead) {
   __m512 acc[4][R];
   for (int t = 0; t < 4; t++)
     for (int r = 0; r < R; r++) acc[t][r] = _mm512_loadu_ps(saved + (t * R + r) * kTile);
-  for (int64_t p = p0; p < p1; p++) {
-    __m512bh w[4];
-    for (int t = 0; t < 4; t++) {
-      w[t] = (__m512bh)_mm512_loadu_si512((const void*)(tiles + t * tile_stride + p * kTile * 2));
-      if (ahead) _mm_prefetch((const char*)(tiles + t * tile_stride + (p + ahead) * kTile * 2), _MM_HINT_T1);
-    }
-    for (int r = 0; r < R; r++) {
-      int32_t pair;
-      memcpy(&pair, x + r * ldx + 2 * p, sizeof pair);
-      const __m512bh xr = (__m512bh)_mm512_set1_epi32(pair);
-      for (int t = 0; t < 4; t++) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], w[t], xr);
-    }
-  }
+  for (int64_t p = p0; p < p1; p++) four_tiles_pair<R>(x, ldx, tiles, tile_stride, p, ahead, acc);
   for (int t = 0; t < 4; t++)
     for (int r = 0; r < R; r++) _mm512_storeu_ps(saved + (t * R + r) * kTile, acc[t][r]);
 }
