@@ -11,6 +11,7 @@ import asyncio
 import logging
 import math
 import threading
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NoReturn
@@ -74,12 +75,30 @@ class ExpertServiceServicer(expert_pb2_grpc.ExpertServiceServicer):
         self._shard, self._model, self._host_id, self._dtype = shard, model, host_id, dtype
         self._device = _indexed(device)
         self._rows_served = torch.zeros(model.num_hidden_layers, model.num_local_experts, dtype=torch.int64)  # [L, E]
+        self._stopping = False
         # One thread: torch parallelises inside each op; the loop stays free for Describe and health.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"expert-{host_id}",
                                           initializer=lambda: _size_torch_pool(threads))
 
     async def Dispatch(self, request: expert_pb2.DispatchRequest, context: grpc.aio.ServicerContext
                        ) -> expert_pb2.DispatchResponse:
+        return await self._dispatch(request, context)
+
+    async def DispatchStream(self, requests: AsyncIterator[expert_pb2.DispatchRequest],
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[expert_pb2.DispatchResponse]:
+        """Dispatch for each request of the stream, in order; a refused request ends the stream with its status.
+
+        Once the host is stopping, the next request ends the stream with UNAVAILABLE, as a new call
+        would be refused, so the router sends those rows to another replica at once.
+        """
+        async for request in requests:
+            if self._stopping:
+                await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                    f"host {self._host_id!r} is stopping: send its rows to another replica")
+            yield await self._dispatch(request, context)
+
+    async def _dispatch(self, request: expert_pb2.DispatchRequest, context: grpc.aio.ServicerContext
+                        ) -> expert_pb2.DispatchResponse:
         shard = self._shard  # one snapshot per call: a re-placement swaps in a new shard between calls
         try:
             batch = self._decode(request, shard)
@@ -109,6 +128,14 @@ class ExpertServiceServicer(expert_pb2_grpc.ExpertServiceServicer):
     @property
     def shard(self) -> ExpertShard:
         return self._shard
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def stop_streams(self) -> None:
+        """Refuse the next request of every open DispatchStream (called when the server begins to stop)."""
+        self._stopping = True
 
     def close(self) -> None:
         """Stop the worker thread once the server no longer calls Dispatch."""
@@ -256,6 +283,7 @@ class ServingThread:
         if self._loop.is_closed():
             return
         grace = self._cfg.grace_s if grace_s is None else grace_s
+        self._servicer.stop_streams()
         asyncio.run_coroutine_threadsafe(self._server.stop(grace), self._loop).result()
         _stop_loop(self._loop, self._thread)
         self._servicer.close()

@@ -39,6 +39,11 @@ class ExpertServiceStub:
                 request_serializer=protos_dot_expert__pb2.DispatchRequest.SerializeToString,
                 response_deserializer=protos_dot_expert__pb2.DispatchResponse.FromString,
                 _registered_method=True)
+        self.DispatchStream = channel.stream_stream(
+                '/moe.expert.v1.ExpertService/DispatchStream',
+                request_serializer=protos_dot_expert__pb2.DispatchRequest.SerializeToString,
+                response_deserializer=protos_dot_expert__pb2.DispatchResponse.FromString,
+                _registered_method=True)
         self.Describe = channel.unary_unary(
                 '/moe.expert.v1.ExpertService/Describe',
                 request_serializer=protos_dot_expert__pb2.DescribeRequest.SerializeToString,
@@ -58,6 +63,16 @@ class ExpertServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DispatchStream(self, request_iterator, context):
+        """Dispatch as a stream: one response per request, in request order, each exactly what Dispatch
+        would answer. A request Dispatch would refuse ends the stream with that status (no response
+        for it or any later request). A stream costs a connection nothing between layers, where each
+        Dispatch call sets up a call (and in grpcio's sync client a thread): the router's path.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Describe(self, request, context):
         """What this host serves, with per-expert row counts (the capacity planner's input).
         """
@@ -70,6 +85,11 @@ def add_ExpertServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Dispatch': grpc.unary_unary_rpc_method_handler(
                     servicer.Dispatch,
+                    request_deserializer=protos_dot_expert__pb2.DispatchRequest.FromString,
+                    response_serializer=protos_dot_expert__pb2.DispatchResponse.SerializeToString,
+            ),
+            'DispatchStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.DispatchStream,
                     request_deserializer=protos_dot_expert__pb2.DispatchRequest.FromString,
                     response_serializer=protos_dot_expert__pb2.DispatchResponse.SerializeToString,
             ),
@@ -104,6 +124,33 @@ class ExpertService:
             request,
             target,
             '/moe.expert.v1.ExpertService/Dispatch',
+            protos_dot_expert__pb2.DispatchRequest.SerializeToString,
+            protos_dot_expert__pb2.DispatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DispatchStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/moe.expert.v1.ExpertService/DispatchStream',
             protos_dot_expert__pb2.DispatchRequest.SerializeToString,
             protos_dot_expert__pb2.DispatchResponse.FromString,
             options,

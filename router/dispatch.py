@@ -1,9 +1,10 @@
-"""The remote expert backend: one concurrent gRPC call per host per layer, replicas and failover.
+"""The remote expert backend: one concurrent request per host per layer, replicas and failover.
 
 Shapes: T tokens of the step, D hidden, K experts per token. For a layer, each (token, k) slot is
 assigned to one replica of its expert; every host that got slots receives ONE request with its
 rows (each row once, the slots served elsewhere marked -1) and answers one row per input row.
-All hosts are called at once; the answers are summed into the output.
+All hosts are called at once; the answers are summed into the output. Requests travel on one
+long-lived DispatchStream per host (router/expert_client.py), each with a deadline of its own.
 
 Failures: a host that does not answer (UNAVAILABLE, DEADLINE_EXCEEDED) is dropped for this call,
 the routing table is refreshed, and its slots go to another replica. A host that no longer serves
@@ -21,14 +22,13 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 import torch
 from torch import Tensor
 
 from protos.security import DispatchTls
-from router.expert_client import ExpertClient
+from router.expert_client import ExpertClient, PendingAnswer
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +81,12 @@ TableSource = Callable[[bool], RoutingTable]  # refresh=True asks the controller
 
 @dataclass(frozen=True, slots=True)
 class Call:
-    """One Dispatch call in flight: its host, the rows [T_h] and slots [T, K] it carries, its future."""
+    """One Dispatch request in flight: its host, the rows [T_h] and slots [T, K] it carries, its answer."""
 
     endpoint: str
     rows: Tensor
     slots: Tensor
-    future: Any
+    answer: PendingAnswer
 
 
 class RemoteExperts:
@@ -145,10 +145,10 @@ class RemoteExperts:
         for endpoint, slots in sorted(assignment.items()):
             rows = torch.nonzero(slots.any(dim=1)).flatten()  # [T_h] each row once
             ids = torch.where(slots[rows], expert_ids[rows], -1).to(torch.int32)
-            future = self._client(endpoint).dispatch(layer, hidden.index_select(0, rows.to(hidden.device)), ids,
+            answer = self._client(endpoint).dispatch(layer, hidden.index_select(0, rows.to(hidden.device)), ids,
                                                      weights[rows].float().cpu(), self.cfg.call_timeout_s)
             self.outstanding[endpoint] = self.outstanding.get(endpoint, 0) + len(rows)
-            calls.append(Call(endpoint, rows, slots, future))
+            calls.append(Call(endpoint, rows, slots, answer))
         return calls
 
     def collect(self, layer: int, expert_ids: Tensor, calls: list[Call], out: Tensor, todo: Tensor) -> set[str]:
@@ -156,7 +156,7 @@ class RemoteExperts:
         failed: set[str] = set()
         for call in calls:
             try:
-                answer = ExpertClient.output(call.future.result())
+                answer = ExpertClient.output(call.answer.result())
             except grpc.RpcError as err:
                 failed.add(self._failure(layer, call.endpoint, expert_ids, call.slots, err))
                 continue

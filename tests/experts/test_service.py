@@ -6,6 +6,9 @@ top-2) in float32 on the CPU.
 
 from __future__ import annotations
 
+import queue
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,6 +240,32 @@ def test_a_bad_request_gets_its_status_and_the_server_keeps_serving(
     assert_dispatch_matches_local(host, 0, 4, [0, 2, -1])
 
 
+def test_a_dispatch_stream_answers_each_request_in_order_as_dispatch_would(host: Host) -> None:
+    batches = [(0, *routing(5, [0, 2, -1], seed=1)), (1, *routing(3, [1, -1], seed=2)), (0, *routing(0, [0])),
+               (0, *routing(9, [2, 0], seed=3))]
+
+    answers = list(host.stub.DispatchStream(iter([request(*batch) for batch in batches]), timeout=DEADLINE_S))
+
+    assert len(answers) == len(batches)
+    for answer, batch in zip(answers, batches, strict=True):
+        assert torch.equal(from_message(answer.output), dispatch(host, *batch))
+
+
+def test_a_refused_request_ends_the_stream_with_its_status_after_the_answers_before_it(host: Host) -> None:
+    good = (0, *routing(4, [0, 2], seed=4))
+    answers = []
+
+    with pytest.raises(grpc.RpcError) as caught:
+        for answer in host.stub.DispatchStream(iter([request(*good), expert_not_hosted(), request(*good)]),
+                                               timeout=DEADLINE_S):
+            answers.append(answer)
+
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION, caught.value.details()
+    assert "does not serve layer 1" in caught.value.details()
+    assert len(answers) == 1 and torch.equal(from_message(answers[0].output), dispatch(host, *good))
+    assert_dispatch_matches_local(host, 0, 4, [0, 2, -1])
+
+
 def test_a_batch_over_grpcs_default_4_mib_passes_under_the_configured_limit(host: Host) -> None:
     rows = 20_000  # 20000 x 64 float32 = 5.1 MB each way
 
@@ -267,6 +296,35 @@ def test_a_stopped_server_refuses_calls(shard: ExpertShard, model: ModelConfig) 
         with pytest.raises(grpc.RpcError) as caught:
             stub.Describe(expert_pb2.DescribeRequest(), timeout=DEADLINE_S)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_stopping_server_ends_an_open_stream_at_its_next_request(shard: ExpertShard, model: ModelConfig) -> None:
+    """Within the grace period calls in flight finish, but the next request on a stream opened before
+    the stop is refused with UNAVAILABLE at once, so the router moves those rows to another replica."""
+    servicer = ExpertServiceServicer(shard, model, HOST_ID, torch.float32, torch.device("cpu"))
+    serving = ServingThread.start(servicer, ExpertServerConfig(grace_s=30))
+    requests: queue.SimpleQueue[expert_pb2.DispatchRequest | None] = queue.SimpleQueue()
+    batch = (0, *routing(3, [0, 2]))
+    with grpc.insecure_channel(f"127.0.0.1:{serving.port}") as channel:
+        answers = expert_pb2_grpc.ExpertServiceStub(channel).DispatchStream(iter(requests.get, None))
+        requests.put(request(*batch))
+        first = next(answers)
+        stopping = threading.Thread(target=serving.stop)
+        stopping.start()
+        while not servicer.stopping:  # stop() marks the servicer before it waits out the grace period
+            time.sleep(0.01)
+        requests.put(request(*batch))
+
+        with pytest.raises(grpc.RpcError) as caught:
+            next(answers)
+        requests.put(None)
+    stopping.join()
+
+    layer, hidden, expert_ids, weights = batch
+    expected = moe_combine(hidden, group_by_expert(expert_ids, weights, E), shard.layer(layer))
+    torch.testing.assert_close(from_message(first.output), expected, rtol=0, atol=1e-6)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "'host-a' is stopping" in caught.value.details()
 
 
 @pytest.mark.parametrize(("field", "value"), [("max_message_bytes", 0), ("max_message_bytes", 2**31),

@@ -2,14 +2,18 @@
 
 Host A serves every expert of the tiny checkpoint's layers; host B only layer 0's experts 1 and 3.
 The routing table comes from a plain function standing in for the controller, so each test decides
-which table a router holds and which one a refresh returns.
+which table a router holds and which one a refresh returns. A hung host is a real one whose single
+compute worker is held busy, so its calls queue until the test lets it go.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 
@@ -20,6 +24,7 @@ from mixtral.config import ModelConfig
 from mixtral.expert import group_by_expert, moe_combine
 from mixtral.gate import route
 from router.dispatch import DispatchConfig, RemoteExperts, RoutingTable
+from router.expert_client import ExpertClient
 
 E = 4
 
@@ -36,6 +41,21 @@ def hosts(tiny_checkpoint: Path) -> Iterator[dict[str, str]]:
     yield {name: f"127.0.0.1:{s.port}" for name, s in servers.items()}
     for server in servers.values():
         server.stop(grace_s=0)
+
+
+@pytest.fixture
+def hung(tiny_checkpoint: Path) -> Iterator[tuple[str, threading.Event]]:
+    """(endpoint, release) of a host serving every expert whose calls wait until `release` is set."""
+    model = ModelConfig.from_json(tiny_checkpoint / "config.json")
+    shard = load_shard(Checkpoint(tiny_checkpoint, model), [(layer, e) for layer in range(2) for e in range(E)],
+                       torch.float32)
+    servicer = ExpertServiceServicer(shard, model, "hung", torch.float32, torch.device("cpu"))
+    release = threading.Event()
+    servicer._worker.submit(release.wait)  # its one compute thread is busy until released
+    server = ServingThread.start(servicer, ExpertServerConfig())
+    yield f"127.0.0.1:{server.port}", release
+    release.set()
+    server.stop(grace_s=0)
 
 
 def table(version: int, routes: dict[tuple[int, int], list[str]]) -> RoutingTable:
@@ -98,3 +118,75 @@ def test_the_table_is_reread_between_steps_once_it_is_old(hosts: dict[str, str])
         assert backend.table.version == 2
     finally:
         backend.close()
+
+
+def on_the_wire(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch as RemoteExperts sends it: int32 expert ids."""
+    return hidden, ids.to(torch.int32), weights
+
+
+def test_answers_on_one_stream_come_back_to_their_own_requests(hosts: dict[str, str], tiny_checkpoint: Path) -> None:
+    client = ExpertClient(hosts["A"], 2**24)
+    try:
+        batches = [on_the_wire(*rows(seed)) for seed in range(3)]
+        pending = [client.dispatch(0, *batch, timeout_s=10) for batch in batches]  # all in flight at once
+
+        answers = [ExpertClient.output(p.result()) for p in reversed(pending)]  # collected out of order
+    finally:
+        client.close()
+
+    for answer, batch in zip(reversed(answers), batches, strict=True):
+        torch.testing.assert_close(answer, local_answer(tiny_checkpoint, *batch), rtol=0, atol=1e-5)
+
+
+def test_a_refused_request_fails_alone_and_the_next_one_opens_a_new_stream(
+        hosts: dict[str, str], tiny_checkpoint: Path) -> None:
+    client = ExpertClient(hosts["B"], 2**24)
+    hidden, _, weights = rows()
+    ids = torch.tensor([[1, 3], [3, -1]] * 6, dtype=torch.int32)
+    try:
+        refused = client.dispatch(1, hidden, ids, weights, timeout_s=10)  # B serves no expert of layer 1
+        with pytest.raises(grpc.RpcError) as caught:
+            refused.result()
+        answer = ExpertClient.output(client.dispatch(0, hidden, ids, weights, timeout_s=10).result())
+    finally:
+        client.close()
+
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "layer 1" in caught.value.details()
+    torch.testing.assert_close(answer, local_answer(tiny_checkpoint, hidden, ids, weights), rtol=0, atol=1e-5)
+
+
+def test_a_host_that_misses_the_deadline_fails_with_deadline_exceeded_then_serves_again(
+        hung: tuple[str, threading.Event], tiny_checkpoint: Path) -> None:
+    endpoint, release = hung
+    client = ExpertClient(endpoint, 2**24)
+    batch = on_the_wire(*rows())
+    try:
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as caught:
+            client.dispatch(0, *batch, timeout_s=0.3).result()
+        waited = time.monotonic() - started
+        release.set()
+        answer = ExpertClient.output(client.dispatch(0, *batch, timeout_s=10).result())
+    finally:
+        client.close()
+
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, caught.value.details()
+    assert endpoint in caught.value.details()
+    assert 0.3 <= waited < 5.0
+    torch.testing.assert_close(answer, local_answer(tiny_checkpoint, *batch), rtol=0, atol=1e-5)
+
+
+def test_the_rows_of_a_hung_replica_go_to_the_other_one_after_the_deadline(
+        hosts: dict[str, str], hung: tuple[str, threading.Event], tiny_checkpoint: Path) -> None:
+    endpoint, _ = hung
+    both = {key: [endpoint, hosts["A"]] for key in every_expert_on(hosts["A"])}  # the hung one is tried first
+    backend = RemoteExperts(lambda probe: table(1, both), E, DispatchConfig(call_timeout_s=0.3, restart_wait_s=5))
+    try:
+        hidden, ids, weights = rows()
+        out = backend(0, hidden, ids, weights)
+    finally:
+        backend.close()
+
+    torch.testing.assert_close(out, local_answer(tiny_checkpoint, hidden, ids, weights), rtol=0, atol=1e-5)
