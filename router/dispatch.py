@@ -122,11 +122,12 @@ class RemoteExperts:
         Each expert's slots go to one replica, the one with the fewest rows in flight or already
         assigned, biggest experts first, so a replicated expert's load spreads over its hosts.
         """
-        masks: dict[str, Tensor] = {}
         load = dict(self.outstanding)
-        wanted = torch.bincount(expert_ids[todo].long(), minlength=self.num_experts)
-        for expert in torch.argsort(wanted, descending=True, stable=True).tolist():
-            rows = int(wanted[expert])
+        wanted = torch.bincount(expert_ids[todo].long(), minlength=self.num_experts).tolist()
+        chosen: dict[str, int] = {}  # endpoint -> its number in `owner`
+        owner = [-1] * self.num_experts  # expert -> number of the endpoint its slots go to
+        for expert in sorted(range(self.num_experts), key=lambda e: -wanted[e]):  # stable: ties by expert id
+            rows = wanted[expert]
             if rows == 0:
                 break
             live = [ep for ep in self.table.routes.get((layer, expert), ()) if ep not in failed]
@@ -134,9 +135,9 @@ class RemoteExperts:
                 return None
             endpoint = min(live, key=lambda ep: load.get(ep, 0))
             load[endpoint] = load.get(endpoint, 0) + rows
-            slots = todo & (expert_ids == expert)
-            masks[endpoint] = masks[endpoint] | slots if endpoint in masks else slots
-        return masks
+            owner[expert] = chosen.setdefault(endpoint, len(chosen))
+        served_by = torch.tensor(owner)[expert_ids.long()]  # [T, K] number of the endpoint of each slot
+        return {endpoint: todo & (served_by == number) for endpoint, number in chosen.items()}
 
     def send(self, layer: int, hidden: Tensor, expert_ids: Tensor, weights: Tensor,
              assignment: dict[str, Tensor]) -> list[Call]:

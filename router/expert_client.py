@@ -6,10 +6,10 @@ grpcio's sync client starts a thread for each call made while none is in flight 
 on the 2-core machine a layer's round trip to two idle echo hosts took 970 us as unary calls and
 660 us as stream messages (bench/README, "Where the cluster backend's time goes").
 
-A stream has no deadline per message, so one watchdog thread per process cancels a stream whose
-oldest unanswered request is past its deadline; its answers then fail with DEADLINE_EXCEEDED, as a
-unary call would. Any failure ends the stream: every answer still pending on it fails with the
-stream's status, and the next request opens a new stream.
+A stream has no deadline per message, so one watchdog thread per process cancels a stream the
+router is waiting on whose oldest unanswered request is past its deadline; its answers then fail
+with DEADLINE_EXCEEDED, as a unary call would. Any failure ends the stream: every answer still
+pending on it fails with the stream's status, and the next request opens a new stream.
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ class _DispatchStream:
         self._pending: deque[PendingAnswer] = deque()
         self._error: DispatchError | None = None
         self._timed_out = False
+        self._reading = False  # the router is blocked in read_one
         _WATCHDOG.watch(self)
 
     @property
@@ -97,6 +98,7 @@ class _DispatchStream:
 
     def read_one(self) -> None:
         """Block for the next response and give it to the oldest pending request; on failure, fail them all."""
+        self._reading = True
         try:
             response = next(self._call)
         except grpc.RpcError as err:
@@ -106,11 +108,15 @@ class _DispatchStream:
             self._fail_all(DispatchError(grpc.StatusCode.UNAVAILABLE,
                                          f"host {self.endpoint} ended the dispatch stream"))
             return
+        finally:
+            self._reading = False
         self._pending.popleft()._answer(response)
 
     def overdue(self, now: float) -> bool:
+        """Whether the router waits on this stream for a request past its deadline. An answer that
+        arrived in time but is not read yet (the router reads another host's first) is not late."""
         try:
-            return self._pending[0].deadline < now  # the reader may pop it meanwhile
+            return self._reading and self._pending[0].deadline < now  # the reader may pop it meanwhile
         except IndexError:
             return False
 

@@ -158,24 +158,30 @@ def test_a_refused_request_fails_alone_and_the_next_one_opens_a_new_stream(
 
 
 def test_a_host_that_misses_the_deadline_fails_with_deadline_exceeded_then_serves_again(
-        hung: tuple[str, threading.Event], tiny_checkpoint: Path) -> None:
+        hosts: dict[str, str], hung: tuple[str, threading.Event], tiny_checkpoint: Path) -> None:
+    """The hung host's request fails at its deadline; the healthy host's answer, which arrived in time
+    while the router waited on the hung one, is still good when read after the deadline."""
     endpoint, release = hung
-    client = ExpertClient(endpoint, 2**24)
+    stuck, healthy = ExpertClient(endpoint, 2**24), ExpertClient(hosts["A"], 2**24)
     batch = on_the_wire(*rows())
     try:
         started = time.monotonic()
+        late, in_time = stuck.dispatch(0, *batch, timeout_s=0.3), healthy.dispatch(0, *batch, timeout_s=0.3)
         with pytest.raises(grpc.RpcError) as caught:
-            client.dispatch(0, *batch, timeout_s=0.3).result()
+            late.result()
         waited = time.monotonic() - started
+        answered = ExpertClient.output(in_time.result())
         release.set()
-        answer = ExpertClient.output(client.dispatch(0, *batch, timeout_s=10).result())
+        answer = ExpertClient.output(stuck.dispatch(0, *batch, timeout_s=10).result())
     finally:
-        client.close()
+        stuck.close()
+        healthy.close()
 
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, caught.value.details()
     assert endpoint in caught.value.details()
     assert 0.3 <= waited < 5.0
-    torch.testing.assert_close(answer, local_answer(tiny_checkpoint, *batch), rtol=0, atol=1e-5)
+    for output in (answered, answer):
+        torch.testing.assert_close(output, local_answer(tiny_checkpoint, *batch), rtol=0, atol=1e-5)
 
 
 def test_the_rows_of_a_hung_replica_go_to_the_other_one_after_the_deadline(
@@ -190,3 +196,23 @@ def test_the_rows_of_a_hung_replica_go_to_the_other_one_after_the_deadline(
         backend.close()
 
     torch.testing.assert_close(out, local_answer(tiny_checkpoint, hidden, ids, weights), rtol=0, atol=1e-5)
+
+
+def test_each_expert_goes_whole_to_its_least_loaded_replica_biggest_first() -> None:
+    both = {(0, e): ["a:1", "b:1"] for e in range(E)}
+    backend = RemoteExperts(lambda probe: table(1, both), E)
+    ids = torch.tensor([[0, 1]] * 5 + [[2, 0]] * 2 + [[3, 2]])  # slots: expert 0: 7, 1: 5, 2: 3, 3: 1
+    everything = torch.ones(ids.shape, dtype=torch.bool)
+
+    def experts_of(masks: dict[str, torch.Tensor]) -> dict[str, set[int]]:
+        assert int(sum(m.int() for m in masks.values()).max()) == 1, "a slot went to two hosts"
+        return {endpoint: set(ids[mask].tolist()) for endpoint, mask in masks.items()}
+
+    # 0 (7 slots) -> a; 1 (5) -> b; 2 (3) -> b, at 5 rows against a's 7; 3 (1) -> a, at 7 against 8
+    assert experts_of(backend.assign(0, ids, everything, set())) == {"a:1": {0, 3}, "b:1": {1, 2}}
+    not_expert_0 = everything & (ids != 0)  # expert 0's slots already answered: 1 -> a, 2 -> b, 3 -> b (3 < 5)
+    assert experts_of(backend.assign(0, ids, not_expert_0, set())) == {"a:1": {1}, "b:1": {2, 3}}
+    backend.outstanding["a:1"] = 100  # rows still in flight on a
+    assert experts_of(backend.assign(0, ids, everything, set())) == {"b:1": {0, 1, 2, 3}}
+    assert experts_of(backend.assign(0, ids, everything, {"b:1"})) == {"a:1": {0, 1, 2, 3}}
+    assert backend.assign(0, ids, everything, {"a:1", "b:1"}) is None
