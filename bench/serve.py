@@ -8,7 +8,8 @@ new tokens, greedy, EOS ignored. Output tokens/s = C * new tokens / wall time of
 (prefill included). Rows:
   limit          only the matmuls an ideal engine must do for the same workload (QKV and output
                  projections, the gate, each expert on the rows it receives, the LM head on the
-                 last prompt position in prefill and on every row in decode), timed with torch here
+                 last prompt position in prefill and on every row in decode), timed with torch here,
+                 before and again after the moe-cluster rows; the row is the faster sitting
   moe-local      `moe-cluster serve --backend local`, C concurrent streaming gRPC clients
   moe-cluster    `moe-cluster serve --backend cluster --hosts 2` (local Ray, 2 expert hosts)
   transformers   HF `generate` on the same checkpoint and prompts, batched
@@ -317,16 +318,37 @@ def run_all(args: argparse.Namespace) -> list[Row]:
 
     vocab = ModelConfig.from_json(args.model / "config.json").vocab_size
     rows: list[Row] = []
+    served = [i for i, system in enumerate(args.systems) if system.startswith("moe-")]
     for dtype in args.dtype:
         for concurrency in args.concurrency:
             work = Workload(make_prompts(concurrency, args.prompt_len, vocab), args.new_tokens)
-            for system in args.systems:
+            limit: Row | None = None
+            for i, system in enumerate(args.systems):
                 log(f"{system} {dtype} C={concurrency}")
                 row = run_system(system, args, dtype, work)
                 if row is not None:
                     rows.append(row)
                     log(f"  {row.output_tok_s:.1f} output tok/s {row.note}")
+                    limit = row if system == "limit" else limit
+                if limit is not None and served and i == served[-1]:
+                    # The limit times seconds, the served rows minutes, and this machine's speed drifts
+                    # 20-50% between phases: time it again once they ran and keep the stricter sitting.
+                    log(f"limit {dtype} C={concurrency}, again after the moe-cluster rows")
+                    again = run_system("limit", args, dtype, work)
+                    assert again is not None
+                    rows[rows.index(limit)] = limit = stricter(limit, again)
+                    log(f"  {limit.output_tok_s:.1f} output tok/s {limit.note}")
     return rows
+
+
+def stricter(before: Row, after: Row) -> Row:
+    """The limit row of the faster sitting (the higher bar), its note naming the other sitting's result."""
+    kept, other, when = (before, after, "after") if before.output_tok_s >= after.output_tok_s else \
+        (after, before, "before")
+    assert other.itl_p50_s is not None
+    kept.note += (f"; the stricter of two sittings: {when} the moe-cluster rows it read {other.output_tok_s:.1f} "
+                  f"output tok/s, decode step {other.itl_p50_s * 1e3:.0f} ms")
+    return kept
 
 
 def run_system(system: str, args: argparse.Namespace, dtype: str, work: Workload) -> Row | None:
