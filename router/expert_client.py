@@ -139,6 +139,7 @@ class _DispatchStream:
 
     def _fail_all(self, error: DispatchError) -> None:
         self._error = error
+        self._requests.put(_END)  # grpc's thread that sends the requests waits on the queue: let it end
         while self._pending:
             self._pending.popleft()._fail(error)
 

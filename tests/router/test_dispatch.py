@@ -157,6 +157,28 @@ def test_a_refused_request_fails_alone_and_the_next_one_opens_a_new_stream(
     torch.testing.assert_close(answer, local_answer(tiny_checkpoint, hidden, ids, weights), rtol=0, atol=1e-5)
 
 
+def test_failed_streams_leave_no_thread_behind(hosts: dict[str, str]) -> None:
+    """Each refused request ends its stream; grpc's thread that fed that stream's requests must end too."""
+    client = ExpertClient(hosts["B"], 2**24)
+    hidden, _, weights = rows()
+    ids = torch.tensor([[1, 3]] * 12, dtype=torch.int32)
+    try:
+        client.dispatch(0, hidden, ids, weights, timeout_s=10).result()
+        time.sleep(0.2)
+        before = threading.active_count()
+        for _ in range(20):
+            with pytest.raises(grpc.RpcError):
+                client.dispatch(1, hidden, ids, weights, timeout_s=10).result()  # B serves no layer 1
+        deadline = time.monotonic() + 5
+        while threading.active_count() > before + 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        after = threading.active_count()
+    finally:
+        client.close()
+
+    assert after <= before + 2, f"{after - before} more threads after 20 failed streams"
+
+
 def test_a_host_that_misses_the_deadline_fails_with_deadline_exceeded_then_serves_again(
         hosts: dict[str, str], hung: tuple[str, threading.Event], tiny_checkpoint: Path) -> None:
     """The hung host's request fails at its deadline; the healthy host's answer, which arrived in time
