@@ -145,7 +145,8 @@ class _DispatchStream:
 
 
 class _Watchdog:
-    """A daemon thread, started with the first stream, that times out streams whose oldest request is overdue."""
+    """A daemon thread, started with the first stream, that times out the stream the router is blocked on
+    once its oldest request is past its deadline."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
