@@ -88,10 +88,8 @@ class _DispatchStream:
         return self._error is not None
 
     def send(self, request: expert_pb2.DispatchRequest, timeout_s: float) -> PendingAnswer:
+        """Queue `request` (on a stream that has not failed: ExpertClient opens a new one after a failure)."""
         answer = PendingAnswer(self, time.monotonic() + timeout_s)
-        if self._error is not None:
-            answer._fail(self._error)
-            return answer
         self._pending.append(answer)
         self._requests.put(request)
         return answer
@@ -130,12 +128,12 @@ class _DispatchStream:
         self._call.cancel()
 
     def _error_of(self, err: grpc.RpcError) -> DispatchError:
-        code = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
         if self._timed_out:
             return DispatchError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                  f"host {self.endpoint} did not answer a dispatch within its deadline")
-        details = err.details() if isinstance(err, grpc.Call) else str(err)
-        return DispatchError(code, details or "")
+        if isinstance(err, grpc.Call):
+            return DispatchError(err.code(), err.details() or "")
+        return DispatchError(grpc.StatusCode.UNKNOWN, str(err))
 
     def _fail_all(self, error: DispatchError) -> None:
         self._error = error

@@ -80,6 +80,16 @@ def rows(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return hidden, ids, weights
 
 
+def assert_layer_0_answered(backend: RemoteExperts, tiny_checkpoint: Path) -> None:
+    """One layer-0 call through `backend` (closed afterwards) equals the local combine of the same rows."""
+    hidden, ids, weights = rows()
+    try:
+        out = backend(0, hidden, ids, weights)
+    finally:
+        backend.close()
+    torch.testing.assert_close(out, local_answer(tiny_checkpoint, hidden, ids, weights), rtol=0, atol=1e-5)
+
+
 def test_a_host_that_no_longer_serves_an_expert_sends_its_rows_to_the_new_one(
         hosts: dict[str, str], tiny_checkpoint: Path) -> None:
     """The router's table still lists B for layer 0 (it moved to A): B answers FAILED_PRECONDITION,
@@ -92,13 +102,8 @@ def test_a_host_that_no_longer_serves_an_expert_sends_its_rows_to_the_new_one(
         return table(1, stale) if len(fetched) == 1 else table(2, every_expert_on(hosts["A"]))
 
     backend = RemoteExperts(fetch, E, DispatchConfig(restart_wait_s=5))
-    try:
-        hidden, ids, weights = rows()
-        out = backend(0, hidden, ids, weights)
-    finally:
-        backend.close()
 
-    torch.testing.assert_close(out, local_answer(tiny_checkpoint, hidden, ids, weights), rtol=0, atol=1e-5)
+    assert_layer_0_answered(backend, tiny_checkpoint)
     assert fetched == [False, True] and backend.table.version == 2
 
 
@@ -211,13 +216,8 @@ def test_the_rows_of_a_hung_replica_go_to_the_other_one_after_the_deadline(
     endpoint, _ = hung
     both = {key: [endpoint, hosts["A"]] for key in every_expert_on(hosts["A"])}  # the hung one is tried first
     backend = RemoteExperts(lambda probe: table(1, both), E, DispatchConfig(call_timeout_s=0.3, restart_wait_s=5))
-    try:
-        hidden, ids, weights = rows()
-        out = backend(0, hidden, ids, weights)
-    finally:
-        backend.close()
 
-    torch.testing.assert_close(out, local_answer(tiny_checkpoint, hidden, ids, weights), rtol=0, atol=1e-5)
+    assert_layer_0_answered(backend, tiny_checkpoint)
 
 
 def test_each_expert_goes_whole_to_its_least_loaded_replica_biggest_first() -> None:
