@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -45,8 +48,8 @@ def load_shard(checkpoint: Checkpoint, entries: Iterable[tuple[int, int]], dtype
                device: str | torch.device = "cpu") -> ExpertShard:
     """Load only the listed (layer, expert) tensors, one expert at a time, in their fastest layout
     (`mixtral.linear.Layout`): per-layer stacks, tiled in place for bfloat16 on an AVX512-BF16 CPU, or
-    each expert packed for oneDNN for bfloat16 on other CPUs (float32 stays in plain stacks). The peak is
-    the shard plus one expert."""
+    each expert packed for oneDNN (float32, and bfloat16 on other CPUs). The peak is the shard plus one
+    expert."""
     by_layer: dict[int, list[int]] = {}
     for layer, expert in sorted(set(entries)):
         by_layer.setdefault(layer, []).append(expert)
@@ -77,10 +80,8 @@ def _load_layer(checkpoint: Checkpoint, layer: int, ids: list[int], dtype: torch
                 device: str | torch.device) -> HeldExperts:
     cfg = checkpoint.config
     layout = Layout.for_shape((2 * cfg.intermediate_size, cfg.hidden_size), dtype, device)
-    if layout is Layout.ONEDNN and dtype == torch.bfloat16:
+    if layout is Layout.ONEDNN:
         return _load_packed_layer(checkpoint, layer, ids, dtype)
-    # float32 hosts keep plain stacks: packed expert by expert, a host was resident for 35% more than its
-    # expert bytes (tests/cluster/test_memory.py), and capacity plans count expert bytes.
     hidden, ffn = cfg.hidden_size, cfg.intermediate_size
     w13 = torch.empty(len(ids), 2 * ffn, hidden, dtype=dtype, device=device)  # [N, 2F, D]
     w2 = torch.empty(len(ids), hidden, ffn, dtype=dtype, device=device)  # [N, D, F]
@@ -97,10 +98,36 @@ def _load_layer(checkpoint: Checkpoint, layer: int, ids: list[int], dtype: torch
 def _load_packed_layer(checkpoint: Checkpoint, layer: int, ids: list[int], dtype: torch.dtype) -> PackedExperts:
     """Each expert read and packed for oneDNN on its own: no stack of the layer is built beside the packed copy."""
     experts, num_bytes = {}, 0
-    for expert in ids:
-        names = expert_tensor_names(checkpoint.config, layer, expert)
-        t = checkpoint.load(names.values(), dtype, copy=False)
-        plain = ExpertWeights.from_checkpoint(t[names["w1"]], t[names["w2"]], t[names["w3"]])
-        experts[expert] = plain.laid_out(Layout.ONEDNN)
-        num_bytes += plain.num_bytes
+    with _temporaries_unmapped():
+        for expert in ids:
+            names = expert_tensor_names(checkpoint.config, layer, expert)
+            t = checkpoint.load(names.values(), dtype, copy=False)
+            plain = ExpertWeights.from_checkpoint(t[names["w1"]], t[names["w2"]], t[names["w3"]])
+            experts[expert] = plain.laid_out(Layout.ONEDNN)
+            num_bytes += plain.num_bytes
     return PackedExperts(experts, num_bytes)
+
+
+# glibc's mallopt parameters, and the values its own adjustment reaches once a process has freed a large block
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_WARM_MMAP_THRESHOLD, _WARM_TRIM_THRESHOLD = 32 * 2**20, 64 * 2**20
+
+
+@contextmanager
+def _temporaries_unmapped() -> Iterator[None]:
+    """While packing: every allocation of 1 MiB or more gets a mapping of its own, so the plain copy freed
+    after each expert is packed goes back to the system. With glibc's default, those copies came from the
+    heap, between packed weights that stay, and a float32 host packed expert by expert was resident for
+    30% more than its expert bytes (tests/cluster/test_memory.py); with this, 1-2%. Afterwards glibc gets
+    the thresholds its own adjustment reaches in a warm process, so serving's temporaries are reused from
+    the heap as before. Nothing changes where the C library has no mallopt (not glibc)."""
+    mallopt = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "mallopt", None)
+    if mallopt is None:
+        yield
+        return
+    mallopt(_M_MMAP_THRESHOLD, 2**20)
+    try:
+        yield
+    finally:
+        mallopt(_M_MMAP_THRESHOLD, _WARM_MMAP_THRESHOLD)
+        mallopt(_M_TRIM_THRESHOLD, _WARM_TRIM_THRESHOLD)
