@@ -39,12 +39,17 @@ class ExpertServerConfig:
     max_message_bytes: int = 256 * 2**20  # largest request or response, bytes
     grace_s: float = 5.0  # seconds in-flight calls may finish after stop; match the pod's termination grace
     tls: DispatchTls | None = None  # None: plaintext (inside a trusted network)
+    # Routers ping idle connections (router.dispatch.DispatchConfig.keepalive_s, 20 s); gRPC's default
+    # refuses pings more often than every 5 minutes with a GOAWAY, which would end every open stream.
+    min_ping_interval_s: float = 10.0
 
     def __post_init__(self) -> None:
         if not 0 < self.max_message_bytes <= _MAX_GRPC_MESSAGE_BYTES:
             raise ValueError(f"max_message_bytes={self.max_message_bytes} must be in [1, {_MAX_GRPC_MESSAGE_BYTES}]")
         if not (math.isfinite(self.grace_s) and self.grace_s >= 0):
             raise ValueError(f"grace_s={self.grace_s} must be a finite number of seconds >= 0")
+        if not (math.isfinite(self.min_ping_interval_s) and self.min_ping_interval_s > 0):
+            raise ValueError(f"min_ping_interval_s={self.min_ping_interval_s} must be a positive number of seconds")
 
 
 class _Rejected(Exception):
@@ -237,9 +242,11 @@ def _indexed(device: torch.device) -> torch.device:
 async def start_server(servicer: ExpertServiceServicer, cfg: ExpertServerConfig, address: str = "127.0.0.1",
                        port: int = 0) -> tuple[grpc.aio.Server, int]:
     """Serve ExpertService and grpc.health.v1.Health on address:port (0: any free port) -> (server, bound port)."""
-    limits = [("grpc.max_send_message_length", cfg.max_message_bytes),
-              ("grpc.max_receive_message_length", cfg.max_message_bytes)]
-    server = grpc.aio.server(options=limits)
+    options = [("grpc.max_send_message_length", cfg.max_message_bytes),
+               ("grpc.max_receive_message_length", cfg.max_message_bytes),
+               ("grpc.http2.min_ping_interval_without_data_ms", round(cfg.min_ping_interval_s * 1000)),
+               ("grpc.keepalive_permit_without_calls", 1)]
+    server = grpc.aio.server(options=options)
     expert_pb2_grpc.add_ExpertServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

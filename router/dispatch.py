@@ -54,11 +54,20 @@ class DispatchConfig:
     table_max_age_s: float = 1.0  # re-read the routing table between steps once it is this old
     max_message_bytes: int = 256 * 2**20
     tls: DispatchTls | None = None  # mutual TLS to the hosts; None: plaintext
+    # An HTTP/2 ping on a host's connection after this long without traffic, so a connection that a
+    # firewall or NAT dropped in silence fails within keepalive_s + keepalive_timeout_s instead of
+    # costing the next layer a whole call_timeout_s. Hosts accept pings every
+    # ExpertServerConfig.min_ping_interval_s (10 s): keep keepalive_s at or above it.
+    keepalive_s: float = 20.0
+    keepalive_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         for name in ("call_timeout_s", "restart_wait_s", "retry_interval_s", "table_max_age_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        for name in ("keepalive_s", "keepalive_timeout_s"):  # gRPC takes them as whole milliseconds
+            if not 0.001 <= getattr(self, name) < 2**31 / 1000:
+                raise ValueError(f"{name}={getattr(self, name)} must be a number of seconds in [0.001, 2147483)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,7 +207,8 @@ class RemoteExperts:
 
     def _client(self, endpoint: str) -> ExpertClient:
         if endpoint not in self.clients:
-            self.clients[endpoint] = ExpertClient(endpoint, self.cfg.max_message_bytes, self.cfg.tls)
+            self.clients[endpoint] = ExpertClient(endpoint, self.cfg.max_message_bytes, self.cfg.tls,
+                                                  self.cfg.keepalive_s, self.cfg.keepalive_timeout_s)
         return self.clients[endpoint]
 
     def _drop_client(self, endpoint: str) -> None:

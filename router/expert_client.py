@@ -175,10 +175,16 @@ _WATCHDOG = _Watchdog()
 class ExpertClient:
     """Client of one host's ExpertService; the channel stays open for the router's lifetime."""
 
-    def __init__(self, endpoint: str, max_message_bytes: int, tls: DispatchTls | None = None) -> None:
+    def __init__(self, endpoint: str, max_message_bytes: int, tls: DispatchTls | None = None,
+                 keepalive_s: float = 20.0, keepalive_timeout_s: float = 10.0) -> None:
+        """`keepalive_s`: ping the host after that long without traffic (`DispatchConfig.keepalive_s`)."""
         self.endpoint = endpoint
-        options: list[tuple[str, int | str]] = [("grpc.max_send_message_length", max_message_bytes),
-                                                 ("grpc.max_receive_message_length", max_message_bytes)]
+        options: list[tuple[str, int | str]] = [
+            ("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.keepalive_time_ms", round(keepalive_s * 1000)),
+            ("grpc.keepalive_timeout_ms", round(keepalive_timeout_s * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),  # also before the first stream and between streams
+            ("grpc.http2.max_pings_without_data", 0)]  # the stream idles between steps: keep pinging
         if tls is None:
             self._channel = grpc.insecure_channel(endpoint, options=options)
         else:

@@ -184,6 +184,58 @@ def test_failed_streams_leave_no_thread_behind(hosts: dict[str, str]) -> None:
     assert after <= before + 2, f"{after - before} more threads after 20 failed streams"
 
 
+# gRPC's client sends at most one ping a second while no data flows, and a host ends the connection at the
+# third ping that came sooner than it allows after another: here 4 s into the silence, so 7 s leave room.
+IDLE_S = 7.0
+
+
+def idle_then_dispatch(endpoint: str) -> tuple[bool, grpc.StatusCode | None]:
+    """A client that pings after 0.1 s without traffic: one request, IDLE_S of silence, one more request ->
+    (whether the second went out on the first one's stream, the second's error code or None)."""
+    client = ExpertClient(endpoint, 2**24, keepalive_s=0.1, keepalive_timeout_s=1.0)
+    batch = on_the_wire(*rows())
+    try:
+        client.dispatch(0, *batch, timeout_s=10).result()
+        first = client._stream
+        time.sleep(IDLE_S)
+        try:
+            client.dispatch(0, *batch, timeout_s=10).result()
+            return client._stream is first, None
+        except grpc.RpcError as err:
+            return False, err.code()
+    finally:
+        client.close()
+
+
+def test_an_idle_stream_stays_open_under_keepalive_pings_the_host_accepts(tiny_checkpoint: Path) -> None:
+    model = ModelConfig.from_json(tiny_checkpoint / "config.json")
+    shard = load_shard(Checkpoint(tiny_checkpoint, model), [(0, e) for e in range(E)], torch.float32)
+    server = ServingThread.start(ExpertServiceServicer(shard, model, "pinged", torch.float32, torch.device("cpu")),
+                                 ExpertServerConfig(min_ping_interval_s=0.05))
+    try:
+        same_stream, error = idle_then_dispatch(f"127.0.0.1:{server.port}")
+    finally:
+        server.stop(grace_s=0)
+
+    assert (same_stream, error) == (True, None)
+
+
+def test_a_host_refuses_pings_more_often_than_its_min_interval(hosts: dict[str, str]) -> None:
+    """The control of the test above: the client does ping while idle, and a host left at its 10 s minimum
+    ends the connection (gRPC's GOAWAY "too_many_pings"), so the stream's next request fails over."""
+    same_stream, error = idle_then_dispatch(hosts["A"])
+
+    assert (same_stream, error) == (False, grpc.StatusCode.UNAVAILABLE)
+
+
+def test_keepalive_settings_must_be_whole_milliseconds_grpc_can_hold() -> None:
+    for bad in (0.0, 1e-4, -1.0, float("inf"), float("nan"), 3e6):
+        with pytest.raises(ValueError, match="keepalive_s"):
+            DispatchConfig(keepalive_s=bad)
+    with pytest.raises(ValueError, match="min_ping_interval_s"):
+        ExpertServerConfig(min_ping_interval_s=0)
+
+
 def test_a_host_that_misses_the_deadline_fails_with_deadline_exceeded_then_serves_again(
         hosts: dict[str, str], hung: tuple[str, threading.Event], tiny_checkpoint: Path) -> None:
     """The hung host's request fails at its deadline; the healthy host's answer, which arrived in time
