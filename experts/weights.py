@@ -108,7 +108,7 @@ def _load_packed_layer(checkpoint: Checkpoint, layer: int, ids: list[int], dtype
     return PackedExperts(experts, num_bytes)
 
 
-# glibc's mallopt parameters, and the values its own adjustment reaches once a process has freed a large block
+# glibc's mallopt parameters, and the highest values its own adjustment gives them as a process frees large blocks
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _WARM_MMAP_THRESHOLD, _WARM_TRIM_THRESHOLD = 32 * 2**20, 64 * 2**20
 
@@ -118,9 +118,9 @@ def _temporaries_unmapped() -> Iterator[None]:
     """While packing: every allocation of 1 MiB or more gets a mapping of its own, so the plain copy freed
     after each expert is packed goes back to the system. With glibc's default, those copies came from the
     heap, between packed weights that stay, and a float32 host packed expert by expert was resident for
-    30% more than its expert bytes (tests/cluster/test_memory.py); with this, 1-2%. Afterwards glibc gets
-    the thresholds its own adjustment reaches in a warm process, so serving's temporaries are reused from
-    the heap as before. Nothing changes where the C library has no mallopt (not glibc)."""
+    30% more than its expert bytes (tests/cluster/test_memory.py); with this, 1.7%. Afterwards glibc gets
+    the highest thresholds its own adjustment would set, so serving's temporaries keep coming from the
+    heap. Nothing changes where the C library has no mallopt (not glibc)."""
     mallopt = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "mallopt", None)
     if mallopt is None:
         yield
