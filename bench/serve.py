@@ -515,6 +515,8 @@ def main() -> None:
                         default=["limit", "moe-local", "moe-cluster", "transformers", "vllm", "llama.cpp"])
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serve")
     args = parser.parse_args()
+    if args.new_tokens < 2 or args.prompt_len < 1 or min(args.concurrency) < 1:
+        parser.error("--new-tokens must be at least 2 (one decode step), --prompt-len and --concurrency at least 1")
     if args.quick:
         args.concurrency, args.new_tokens = [1, 8], 32
     args.dtype = args.dtype or (["float32"] if args.quick else ["float32", "bfloat16"])
