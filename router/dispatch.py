@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from protos.security import DispatchTls
-from router.expert_client import ExpertClient, PendingAnswer
+from router.expert_client import KEEPALIVE_S, KEEPALIVE_TIMEOUT_S, ExpertClient, PendingAnswer
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,8 @@ class DispatchConfig:
     # firewall or NAT dropped in silence fails within keepalive_s + keepalive_timeout_s instead of
     # costing the next layer a whole call_timeout_s. Hosts accept pings every
     # ExpertServerConfig.min_ping_interval_s (10 s): keep keepalive_s at or above it.
-    keepalive_s: float = 20.0
-    keepalive_timeout_s: float = 10.0
+    keepalive_s: float = KEEPALIVE_S
+    keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S
 
     def __post_init__(self) -> None:
         for name in ("call_timeout_s", "restart_wait_s", "retry_interval_s", "table_max_age_s"):

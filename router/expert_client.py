@@ -28,6 +28,7 @@ from protos.security import DispatchTls
 from protos.tensors import from_message, to_message
 
 _WATCH_INTERVAL_S = 0.05  # how late past its deadline a hung host's request is noticed, at most
+KEEPALIVE_S, KEEPALIVE_TIMEOUT_S = 20.0, 10.0  # defaults of DispatchConfig.keepalive_s and keepalive_timeout_s
 
 
 class DispatchError(grpc.RpcError):  # type: ignore[misc]  # grpc is untyped
@@ -176,7 +177,7 @@ class ExpertClient:
     """Client of one host's ExpertService; the channel stays open for the router's lifetime."""
 
     def __init__(self, endpoint: str, max_message_bytes: int, tls: DispatchTls | None = None,
-                 keepalive_s: float = 20.0, keepalive_timeout_s: float = 10.0) -> None:
+                 keepalive_s: float = KEEPALIVE_S, keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S) -> None:
         """`keepalive_s`: ping the host after that long without traffic (`DispatchConfig.keepalive_s`)."""
         self.endpoint = endpoint
         options: list[tuple[str, int | str]] = [
