@@ -29,15 +29,22 @@ from router.expert_client import ExpertClient
 E = 4
 
 
+EVERY_EXPERT = [(layer, e) for layer in range(2) for e in range(E)]
+
+
+def servicer(tiny_checkpoint: Path, name: str, entries: list[tuple[int, int]]) -> ExpertServiceServicer:
+    """A float32 host of the tiny checkpoint's `entries`, not started."""
+    model = ModelConfig.from_json(tiny_checkpoint / "config.json")
+    shard = load_shard(Checkpoint(tiny_checkpoint, model), entries, torch.float32)
+    return ExpertServiceServicer(shard, model, name, torch.float32, torch.device("cpu"))
+
+
 @pytest.fixture(scope="module")
 def hosts(tiny_checkpoint: Path) -> Iterator[dict[str, str]]:
     """{"A": endpoint, "B": endpoint} and the full shard's servers, stopped at the end."""
-    model = ModelConfig.from_json(tiny_checkpoint / "config.json")
-    checkpoint = Checkpoint(tiny_checkpoint, model)
-    shards = {"A": [(layer, e) for layer in range(2) for e in range(E)], "B": [(0, 1), (0, 3)]}
-    servers = {name: ServingThread.start(ExpertServiceServicer(load_shard(checkpoint, entries, torch.float32), model,
-                                                               name, torch.float32, torch.device("cpu")),
-                                         ExpertServerConfig()) for name, entries in shards.items()}
+    shards = {"A": EVERY_EXPERT, "B": [(0, 1), (0, 3)]}
+    servers = {name: ServingThread.start(servicer(tiny_checkpoint, name, entries), ExpertServerConfig())
+               for name, entries in shards.items()}
     yield {name: f"127.0.0.1:{s.port}" for name, s in servers.items()}
     for server in servers.values():
         server.stop(grace_s=0)
@@ -46,13 +53,10 @@ def hosts(tiny_checkpoint: Path) -> Iterator[dict[str, str]]:
 @pytest.fixture
 def hung(tiny_checkpoint: Path) -> Iterator[tuple[str, threading.Event]]:
     """(endpoint, release) of a host serving every expert whose calls wait until `release` is set."""
-    model = ModelConfig.from_json(tiny_checkpoint / "config.json")
-    shard = load_shard(Checkpoint(tiny_checkpoint, model), [(layer, e) for layer in range(2) for e in range(E)],
-                       torch.float32)
-    servicer = ExpertServiceServicer(shard, model, "hung", torch.float32, torch.device("cpu"))
+    host = servicer(tiny_checkpoint, "hung", EVERY_EXPERT)
     release = threading.Event()
-    servicer._worker.submit(release.wait)  # its one compute thread is busy until released
-    server = ServingThread.start(servicer, ExpertServerConfig())
+    host._worker.submit(release.wait)  # its one compute thread is busy until released
+    server = ServingThread.start(host, ExpertServerConfig())
     yield f"127.0.0.1:{server.port}", release
     release.set()
     server.stop(grace_s=0)
@@ -63,7 +67,7 @@ def table(version: int, routes: dict[tuple[int, int], list[str]]) -> RoutingTabl
 
 
 def every_expert_on(endpoint: str) -> dict[tuple[int, int], list[str]]:
-    return {(layer, e): [endpoint] for layer in range(2) for e in range(E)}
+    return {key: [endpoint] for key in EVERY_EXPERT}
 
 
 def local_answer(tiny_checkpoint: Path, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
@@ -208,9 +212,7 @@ def idle_then_dispatch(endpoint: str) -> tuple[bool, grpc.StatusCode | None]:
 
 
 def test_an_idle_stream_stays_open_under_keepalive_pings_the_host_accepts(tiny_checkpoint: Path) -> None:
-    model = ModelConfig.from_json(tiny_checkpoint / "config.json")
-    shard = load_shard(Checkpoint(tiny_checkpoint, model), [(0, e) for e in range(E)], torch.float32)
-    server = ServingThread.start(ExpertServiceServicer(shard, model, "pinged", torch.float32, torch.device("cpu")),
+    server = ServingThread.start(servicer(tiny_checkpoint, "pinged", [(0, e) for e in range(E)]),
                                  ExpertServerConfig(min_ping_interval_s=0.05))
     try:
         same_stream, error = idle_then_dispatch(f"127.0.0.1:{server.port}")
