@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -121,7 +121,7 @@ def _temporaries_unmapped() -> Iterator[None]:
     30% more than its expert bytes (tests/cluster/test_memory.py); with this, 1.7%. Afterwards glibc gets
     the highest thresholds its own adjustment would set, so serving's temporaries keep coming from the
     heap. Nothing changes where the C library has no mallopt (not glibc)."""
-    mallopt = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "mallopt", None)
+    mallopt = _mallopt()
     if mallopt is None:
         yield
         return
@@ -131,3 +131,10 @@ def _temporaries_unmapped() -> Iterator[None]:
     finally:
         mallopt(_M_MMAP_THRESHOLD, _WARM_MMAP_THRESHOLD)
         mallopt(_M_TRIM_THRESHOLD, _WARM_TRIM_THRESHOLD)
+
+
+@functools.cache
+def _mallopt() -> Callable[[int, int], int] | None:
+    """The C library's mallopt among this process's symbols (looked up once), None where there is none."""
+    function: Callable[[int, int], int] | None = getattr(ctypes.CDLL(None), "mallopt", None)
+    return function
