@@ -143,14 +143,15 @@ def test_bf16_experts_are_tiled_and_agree_with_torch_to_bf16_rounding() -> None:
 @needs_tiles
 @settings(max_examples=40, deadline=None)
 @given(tokens=st.integers(1, 150), held=st.sets(st.integers(0, 5), min_size=1), scale=st.sampled_from([0.1, 1.0, 40.0]),
-       seed=st.integers(0, 2**16))
+       sizes=st.sampled_from([(32, 48), (64, 128)]), seed=st.integers(0, 2**16))
 def test_the_fused_expert_kernel_gives_the_bits_of_the_per_expert_loop_and_each_token_ignores_the_others(
-        tokens: int, held: set[int], scale: float, seed: int) -> None:
+        tokens: int, held: set[int], scale: float, sizes: tuple[int, int], seed: int) -> None:
     """Tiled stacks run in one kernel call (grouping, gather, SwiGLU, weighted sum); group_by_expert and the
     per-expert torch loop over the same tiled weights are the reference, rounding for rounding. Large
-    inputs push silu past exp's range."""
+    inputs push silu past exp's range. D and F in whole groups of 64 with fewer than 64 rows per expert
+    take the kernel's one-region path (decode), the others its per-expert loop."""
     g = torch.Generator().manual_seed(seed)
-    d, f, e = 32, 48, 6
+    (d, f), e = sizes, 6
     experts = _bf16_experts(g, d, f, held).pack_for_cpu()
     assert isinstance(experts, LayerExperts) and experts.layout is Layout.TILES
     hidden = (torch.randn(tokens, d, generator=g) * scale).to(torch.bfloat16)
@@ -165,14 +166,17 @@ def test_the_fused_expert_kernel_gives_the_bits_of_the_per_expert_loop_and_each_
 
 
 @needs_tiles
-def test_the_fused_expert_kernel_adds_a_token_twice_routed_to_one_expert_in_order() -> None:
-    """Routing never names an expert twice for a token, but a host must not race on a request that does."""
+@pytest.mark.parametrize("tokens, d, f", [(100, 32, 48), (100, 64, 128), (20, 64, 128)])
+def test_the_fused_expert_kernel_adds_a_token_twice_routed_to_one_expert_in_order(tokens: int, d: int, f: int
+                                                                                  ) -> None:
+    """Routing never names an expert twice for a token, but a host must not race on a request that does:
+    200 rows for expert 1 (the element-wise steps' parallel size), and 40 (the one-region path)."""
     g = torch.Generator().manual_seed(7)
-    experts = _bf16_experts(g, 32, 48, 2).pack_for_cpu()
-    hidden = torch.randn(100, 32, generator=g).to(torch.bfloat16)  # 200 rows for expert 1: the parallel size
-    ids, weights = torch.ones(100, 2, dtype=torch.int64), torch.rand(100, 2, generator=g)
+    experts = _bf16_experts(g, d, f, 2).pack_for_cpu()
+    hidden = torch.randn(tokens, d, generator=g).to(torch.bfloat16)
+    ids, weights = torch.ones(tokens, 2, dtype=torch.int64), torch.rand(tokens, 2, generator=g)
     fused, counts = moe_forward(hidden, ids, weights, experts, 2)
-    assert counts == [0, 200]
+    assert counts == [0, 2 * tokens]
     assert torch.equal(fused, moe_combine(hidden, group_by_expert(ids, weights, 2), dict(experts.items())))
 
 
