@@ -184,6 +184,8 @@ class ExpertClient:
             ("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.keepalive_time_ms", round(keepalive_s * 1000)),
             ("grpc.keepalive_timeout_ms", round(keepalive_timeout_s * 1000)),
+            # gRPC 1.85 waits this long for the keepalive ping's answer (default 1 minute), whatever the above
+            ("grpc.http2.ping_timeout_ms", round(keepalive_timeout_s * 1000)),
             ("grpc.keepalive_permit_without_calls", 1),  # also before the first stream and between streams
             ("grpc.http2.max_pings_without_data", 0)]  # the stream idles between steps: keep pinging
         if tls is None:

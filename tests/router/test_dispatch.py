@@ -25,6 +25,7 @@ from mixtral.expert import group_by_expert, moe_combine
 from mixtral.gate import route
 from router.dispatch import DispatchConfig, RemoteExperts, RoutingTable
 from router.expert_client import ExpertClient
+from tests.freezing_proxy import FreezingProxy
 
 E = 4
 
@@ -228,6 +229,31 @@ def test_a_host_refuses_pings_more_often_than_its_min_interval(hosts: dict[str, 
     same_stream, error = idle_then_dispatch(hosts["A"])
 
     assert (same_stream, error) == (False, grpc.StatusCode.UNAVAILABLE)
+
+
+def test_a_host_whose_network_path_drops_in_silence_fails_the_next_layer_within_the_keepalive(
+        tiny_checkpoint: Path) -> None:
+    """Pings after 0.5 s without traffic, answered within 0.5 s or the connection is closed: a request sent
+    into a path that drops everything fails UNAVAILABLE about 1 s later (failover can act), not at its
+    10 s deadline."""
+    server = ServingThread.start(servicer(tiny_checkpoint, "behind-a-link", [(0, e) for e in range(E)]),
+                                 ExpertServerConfig())
+    proxy = FreezingProxy(server.port)
+    client = ExpertClient(f"127.0.0.1:{proxy.port}", 2**24, keepalive_s=0.5, keepalive_timeout_s=0.5)
+    batch = on_the_wire(*rows())
+    try:
+        client.dispatch(0, *batch, timeout_s=10).result()
+        proxy.freeze()
+        start = time.monotonic()
+        with pytest.raises(grpc.RpcError) as failed:
+            client.dispatch(0, *batch, timeout_s=10).result()
+        waited = time.monotonic() - start
+    finally:
+        client.close()
+        proxy.close()
+        server.stop(grace_s=0)
+
+    assert failed.value.code() is grpc.StatusCode.UNAVAILABLE and waited < 5, (failed.value.code(), waited)
 
 
 def test_keepalive_settings_must_be_whole_milliseconds_grpc_can_hold() -> None:
