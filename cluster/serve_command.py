@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from cluster.arguments import UsageError, port, positive_int, read_token
+from cluster.arguments import UsageError, port, positive_float, positive_int, read_token
 from cluster.backend_flags import add_cluster_flags, load_model
 from cluster.demo import SIZES
 from cluster.demo_command import demo_dir
@@ -68,6 +68,14 @@ def add_serve_command(commands: argparse._SubParsersAction[Any]) -> None:
     limits.add_argument("--max-message-bytes", type=positive_int, default=16 * 2**20, help="gRPC message size limit")
     limits.add_argument("--grace-period", type=float, default=30.0, metavar="SECONDS",
                         help="on SIGTERM, how long running requests may finish")
+    connections = p.add_argument_group("connections")
+    connections.add_argument("--client-ping-interval", type=positive_float, default=10.0, metavar="SECONDS",
+                             help="clients may ping a connection without data this often (gRPC's default, 300 s, "
+                             "closes the connections of clients that ping faster)")
+    connections.add_argument("--keepalive", type=positive_float, default=60.0, metavar="SECONDS",
+                             help="ping a client's connection after this long without traffic")
+    connections.add_argument("--keepalive-timeout", type=positive_float, default=20.0, metavar="SECONDS",
+                             help="close a connection whose ping has no answer within this, cancelling its requests")
     add_cluster_flags(p)
     p.set_defaults(run=run_serve)
 
@@ -121,7 +129,9 @@ def _serve_config(args: argparse.Namespace) -> ServeConfig:
     if args.guardrail_prompt_file is not None:
         guardrail = Guardrail(prompt=args.guardrail_prompt_file.read_text().strip(), default_on=args.safe_prompt)
     server = ServerConfig(host=args.host, port=args.port, max_message_bytes=args.max_message_bytes, tls=tls,
-                          auth_token=token, limits=limits, guardrail=guardrail, log_content=args.log_content)
+                          auth_token=token, limits=limits, guardrail=guardrail, log_content=args.log_content,
+                          client_ping_interval_s=args.client_ping_interval, keepalive_s=args.keepalive,
+                          keepalive_timeout_s=args.keepalive_timeout)
     max_seq_len = args.max_prompt_tokens + args.max_new_tokens_cap
     return ServeConfig(server=server, scheduler=SchedulerConfig(max_queue=args.max_queue),
                        engine=EngineConfig(max_batch_tokens=args.max_batch_tokens),

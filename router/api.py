@@ -331,12 +331,24 @@ class ServerConfig:
     limits: ApiLimits = ApiLimits()
     guardrail: Guardrail = Guardrail()
     log_content: bool = False
+    # Clients may ping a connection this often while no data flows (a request waiting in the queue, or an
+    # idle channel). gRPC's default, 5 minutes, answers faster pings with a GOAWAY "too_many_pings" that
+    # ends every request on the connection; clients commonly set keepalive at 10-60 s.
+    client_ping_interval_s: float = 10.0
+    # The server pings a connection after keepalive_s without traffic and closes it when no answer comes
+    # within keepalive_timeout_s: a client that vanished without closing (a dropped network path) has its
+    # requests cancelled and their slots freed then, instead of after the OS's TCP timeout (minutes to hours).
+    keepalive_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port={self.port} must be in 0-65535")
         if self.max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes={self.max_message_bytes} must be at least 1024")
+        for name in ("client_ping_interval_s", "keepalive_s", "keepalive_timeout_s"):  # gRPC takes whole ms
+            if not 0.001 <= getattr(self, name) < 2**31 / 1000:
+                raise ValueError(f"{name}={getattr(self, name)} must be a number of seconds in [0.001, 2147483)")
 
 
 @dataclass
@@ -359,7 +371,13 @@ async def build_server(generation: GenerationService, cfg: ServerConfig,
     """Start the public server: moe.v1.Generation, any `extra` (adder, service name) pairs, health and
     reflection, with TLS and bearer-token auth as configured -> the running server and its port."""
     options = [("grpc.max_send_message_length", cfg.max_message_bytes),
-               ("grpc.max_receive_message_length", cfg.max_message_bytes)]
+               ("grpc.max_receive_message_length", cfg.max_message_bytes),
+               ("grpc.http2.min_ping_interval_without_data_ms", round(cfg.client_ping_interval_s * 1000)),
+               ("grpc.keepalive_time_ms", round(cfg.keepalive_s * 1000)),
+               ("grpc.keepalive_timeout_ms", round(cfg.keepalive_timeout_s * 1000)),
+               # gRPC 1.85 waits this long for the keepalive ping's answer (default 1 minute), whatever the above
+               ("grpc.http2.ping_timeout_ms", round(cfg.keepalive_timeout_s * 1000)),
+               ("grpc.keepalive_permit_without_calls", 1)]  # idle connections too, both ways
     interceptors = [BearerTokenInterceptor(cfg.auth_token)] if cfg.auth_token is not None else []
     server = grpc.aio.server(options=options, interceptors=interceptors)
     router_pb2_grpc.add_GenerationServicer_to_server(generation, server)

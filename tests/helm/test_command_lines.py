@@ -47,6 +47,9 @@ def test_router_command_line_parses_with_the_real_cli_when_scenario_is_given(ren
     assert (args.max_new_tokens_cap, args.max_batch_tokens, args.max_message_bytes) == (
         limits["maxNewTokensCap"], limits["maxBatchTokens"], limits["maxMessageBytes"])
     assert args.grace_period == values["router"]["gracePeriodSeconds"]
+    keepalive = values["router"]["keepalive"]
+    assert (args.client_ping_interval, args.keepalive, args.keepalive_timeout) == (
+        keepalive["clientPingIntervalSeconds"], keepalive["pingSeconds"], keepalive["timeoutSeconds"])
     assert args.log_level == values["router"]["logLevel"]
     assert args.metrics_port == values["metrics"]["port"]
     assert args.dtype == (values["model"]["dtype"] or None)
@@ -59,12 +62,15 @@ def test_router_command_line_parses_with_the_real_cli_when_scenario_is_given(ren
 
 
 def test_router_command_line_parses_when_optional_flags_are_given(render: Render, values_file: ValuesFile) -> None:
-    path = values_file({"router": {"threads": 8, "logContent": True, "logLevel": "DEBUG"},
+    path = values_file({"router": {"threads": 8, "logContent": True, "logLevel": "DEBUG",
+                                   "keepalive": {"clientPingIntervalSeconds": 2.5, "pingSeconds": 30,
+                                                 "timeoutSeconds": 7.5}},
                         "model": {"tokenizer": "mistral-v1", "dtype": "float32"},
                         "experts": {"gpusPerHost": 0.5, "cpusPerHost": 0.5, "restartWaitSeconds": 12.5,
                                     "groups": [{**GROUP, "gpusPerPod": 1}]}})
     args = parse_moe_cluster(router_argv(render("defaults", "-f", path)))
     assert (args.threads, args.log_content, args.log_level) == (8, True, "DEBUG")
+    assert (args.client_ping_interval, args.keepalive, args.keepalive_timeout) == (2.5, 30, 7.5)
     assert (args.tokenizer, args.dtype) == ("mistral-v1", "float32")
     assert (args.gpus_per_host, args.cpus_per_host, args.restart_wait) == (0.5, 0.5, 12.5)
 
