@@ -48,8 +48,9 @@ class ExpertServerConfig:
             raise ValueError(f"max_message_bytes={self.max_message_bytes} must be in [1, {_MAX_GRPC_MESSAGE_BYTES}]")
         if not (math.isfinite(self.grace_s) and self.grace_s >= 0):
             raise ValueError(f"grace_s={self.grace_s} must be a finite number of seconds >= 0")
-        if not (math.isfinite(self.min_ping_interval_s) and self.min_ping_interval_s > 0):
-            raise ValueError(f"min_ping_interval_s={self.min_ping_interval_s} must be a positive number of seconds")
+        if not 0.001 <= self.min_ping_interval_s < 2**31 / 1000:  # gRPC takes it as whole milliseconds
+            raise ValueError(f"min_ping_interval_s={self.min_ping_interval_s} must be a number of seconds in "
+                             "[0.001, 2147483)")
 
 
 class _Rejected(Exception):
