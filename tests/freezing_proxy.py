@@ -7,9 +7,10 @@ import threading
 
 
 class FreezingProxy:
-    """A TCP proxy on a loopback port to `port` whose `freeze()` drops the path in silence, as a failed
-    network link does: nothing more is forwarded either way and no connection is closed; what the server
-    sends is read and dropped, and `server_closed` is set when the server closes its side."""
+    """A TCP proxy on a loopback port for one connection to `port`, whose `freeze()` drops the path in
+    silence, as a failed network link does: nothing more is forwarded either way and no connection is
+    closed; what the server sends is read and dropped, and `server_closed` is set when the server closes
+    its side."""
 
     def __init__(self, port: int) -> None:
         self.target = port
