@@ -25,6 +25,7 @@ from experts.weights import ExpertShard
 from mixtral.config import ModelConfig
 from mixtral.expert import ExpertWeights, moe_forward
 from protos import expert_pb2, expert_pb2_grpc, tensors
+from protos.keepalive import accept_pings_option, check_seconds
 from protos.security import DispatchTls
 
 log = logging.getLogger(__name__)
@@ -48,9 +49,7 @@ class ExpertServerConfig:
             raise ValueError(f"max_message_bytes={self.max_message_bytes} must be in [1, {_MAX_GRPC_MESSAGE_BYTES}]")
         if not (math.isfinite(self.grace_s) and self.grace_s >= 0):
             raise ValueError(f"grace_s={self.grace_s} must be a finite number of seconds >= 0")
-        if not 0.001 <= self.min_ping_interval_s < 2**31 / 1000:  # gRPC takes it as whole milliseconds
-            raise ValueError(f"min_ping_interval_s={self.min_ping_interval_s} must be a number of seconds in "
-                             "[0.001, 2147483)")
+        check_seconds("min_ping_interval_s", self.min_ping_interval_s)
 
 
 class _Rejected(Exception):
@@ -245,7 +244,7 @@ async def start_server(servicer: ExpertServiceServicer, cfg: ExpertServerConfig,
     """Serve ExpertService and grpc.health.v1.Health on address:port (0: any free port) -> (server, bound port)."""
     options = [("grpc.max_send_message_length", cfg.max_message_bytes),
                ("grpc.max_receive_message_length", cfg.max_message_bytes),
-               ("grpc.http2.min_ping_interval_without_data_ms", round(cfg.min_ping_interval_s * 1000)),
+               accept_pings_option(cfg.min_ping_interval_s),
                ("grpc.keepalive_permit_without_calls", 1)]
     server = grpc.aio.server(options=options)
     expert_pb2_grpc.add_ExpertServiceServicer_to_server(servicer, server)

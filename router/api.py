@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from protos import router_pb2, router_pb2_grpc
+from protos.keepalive import accept_pings_option, check_seconds, ping_options
 from router.auth import BearerTokenInterceptor
 from router.detokenizer import Detokenizer
 from router.engine import RequestError
@@ -346,9 +347,8 @@ class ServerConfig:
             raise ValueError(f"port={self.port} must be in 0-65535")
         if self.max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes={self.max_message_bytes} must be at least 1024")
-        for name in ("client_ping_interval_s", "keepalive_s", "keepalive_timeout_s"):  # gRPC takes whole ms
-            if not 0.001 <= getattr(self, name) < 2**31 / 1000:
-                raise ValueError(f"{name}={getattr(self, name)} must be a number of seconds in [0.001, 2147483)")
+        for name in ("client_ping_interval_s", "keepalive_s", "keepalive_timeout_s"):
+            check_seconds(name, getattr(self, name))
 
 
 @dataclass
@@ -372,12 +372,8 @@ async def build_server(generation: GenerationService, cfg: ServerConfig,
     reflection, with TLS and bearer-token auth as configured -> the running server and its port."""
     options = [("grpc.max_send_message_length", cfg.max_message_bytes),
                ("grpc.max_receive_message_length", cfg.max_message_bytes),
-               ("grpc.http2.min_ping_interval_without_data_ms", round(cfg.client_ping_interval_s * 1000)),
-               ("grpc.keepalive_time_ms", round(cfg.keepalive_s * 1000)),
-               ("grpc.keepalive_timeout_ms", round(cfg.keepalive_timeout_s * 1000)),
-               # gRPC 1.85 waits this long for the keepalive ping's answer (default 1 minute), whatever the above
-               ("grpc.http2.ping_timeout_ms", round(cfg.keepalive_timeout_s * 1000)),
-               ("grpc.keepalive_permit_without_calls", 1)]  # idle connections too, both ways
+               accept_pings_option(cfg.client_ping_interval_s),
+               *ping_options(cfg.keepalive_s, cfg.keepalive_timeout_s)]  # idle connections too, both ways
     interceptors = [BearerTokenInterceptor(cfg.auth_token)] if cfg.auth_token is not None else []
     server = grpc.aio.server(options=options, interceptors=interceptors)
     router_pb2_grpc.add_GenerationServicer_to_server(generation, server)

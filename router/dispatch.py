@@ -27,6 +27,7 @@ import grpc
 import torch
 from torch import Tensor
 
+from protos.keepalive import check_seconds
 from protos.security import DispatchTls
 from router.expert_client import KEEPALIVE_S, KEEPALIVE_TIMEOUT_S, ExpertClient, PendingAnswer
 
@@ -65,9 +66,8 @@ class DispatchConfig:
         for name in ("call_timeout_s", "restart_wait_s", "retry_interval_s", "table_max_age_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
-        for name in ("keepalive_s", "keepalive_timeout_s"):  # gRPC takes them as whole milliseconds
-            if not 0.001 <= getattr(self, name) < 2**31 / 1000:
-                raise ValueError(f"{name}={getattr(self, name)} must be a number of seconds in [0.001, 2147483)")
+        for name in ("keepalive_s", "keepalive_timeout_s"):
+            check_seconds(name, getattr(self, name))
 
 
 @dataclass(frozen=True, slots=True)

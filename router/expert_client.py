@@ -24,6 +24,7 @@ import grpc
 from torch import Tensor
 
 from protos import expert_pb2, expert_pb2_grpc
+from protos.keepalive import ping_options
 from protos.security import DispatchTls
 from protos.tensors import from_message, to_message
 
@@ -182,11 +183,7 @@ class ExpertClient:
         self.endpoint = endpoint
         options: list[tuple[str, int | str]] = [
             ("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.keepalive_time_ms", round(keepalive_s * 1000)),
-            ("grpc.keepalive_timeout_ms", round(keepalive_timeout_s * 1000)),
-            # gRPC 1.85 waits this long for the keepalive ping's answer (default 1 minute), whatever the above
-            ("grpc.http2.ping_timeout_ms", round(keepalive_timeout_s * 1000)),
-            ("grpc.keepalive_permit_without_calls", 1),  # also before the first stream and between streams
+            *ping_options(keepalive_s, keepalive_timeout_s),  # also before the first stream and between streams
             ("grpc.http2.max_pings_without_data", 0)]  # the stream idles between steps: keep pinging
         if tls is None:
             self._channel = grpc.insecure_channel(endpoint, options=options)

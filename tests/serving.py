@@ -338,6 +338,14 @@ class ServeProcess:
 # --- clients ---------------------------------------------------------------------------------------
 
 
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Until `condition()` holds (AssertionError naming `what` after `timeout` seconds)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.005)
+
+
 def request(prompt: str | Sequence[int] | None = None, *, chat: Iterable[tuple[str, str]] | None = None,
             max_new_tokens: int | None = 8, temperature: float | None = 0.0, top_p: float | None = None,
             top_k: int | None = None, seed: int | None = None, stop: Sequence[str] = (),

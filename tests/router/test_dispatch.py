@@ -260,7 +260,6 @@ def test_keepalive_settings_must_be_whole_milliseconds_grpc_can_hold() -> None:
     for bad in (0.0, 1e-4, -1.0, float("inf"), float("nan"), 3e6):
         with pytest.raises(ValueError, match="keepalive_s"):
             DispatchConfig(keepalive_s=bad)
-    for bad in (0.0, 1e-4, -1.0, float("inf"), float("nan"), 3e6):
         with pytest.raises(ValueError, match="min_ping_interval_s"):
             ExpertServerConfig(min_ping_interval_s=bad)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -22,7 +22,7 @@ from router.api import ApiLimits, ServerConfig
 from router.kv_cache import CacheConfig
 from tests.freezing_proxy import FreezingProxy
 from tests.router.served import LIMITS
-from tests.serving import ServerHandle, SlowExperts, request, start_server
+from tests.serving import ServerHandle, SlowExperts, request, start_server, wait_for
 
 # gRPC's client sends at most one ping a second while no data flows, and the server ends the connection at
 # the third ping that came sooner than it allows after another: 4 s into the silence, so 7 s leave room.
@@ -69,13 +69,6 @@ def slow_server(tiny_checkpoint: Path) -> Iterator[ServerHandle]:
                        keepalive_timeout_s=0.5)
     with start_server(tiny_checkpoint, server=cfg, wrap=wrap, cache=CacheConfig(num_slots=4, max_seq_len=320)) as srv:
         yield srv
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
-        time.sleep(0.01)
 
 
 def test_a_client_whose_network_drops_in_silence_has_its_request_cancelled_and_its_slot_freed(

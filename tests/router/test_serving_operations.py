@@ -47,6 +47,7 @@ from tests.serving import (
     rpc_error,
     start_server,
     stream_parts,
+    wait_for,
 )
 
 # --- overload -----------------------------------------------------------------------------------------
@@ -133,13 +134,6 @@ def metric(text: str, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return float(sample.value)
     return 0.0
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(0.005)
 
 
 @pytest.mark.slow
