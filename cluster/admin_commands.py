@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import ray
 
 from cluster.arguments import number, positive_float, positive_int
 from cluster.client import ClientConfig, open_channel
@@ -103,6 +102,8 @@ def run_rebalance(args: argparse.Namespace, show: Show, note: Show) -> int:
         except grpc.RpcError as err:
             return _rpc_failed(err, note)
     else:
+        import ray  # only this path needs Ray: the other commands start without it
+
         try:
             report = _rebalance_via_ray(args, plan)
         except ray.exceptions.RayError as err:
@@ -124,6 +125,8 @@ def _rebalance_via_server(args: argparse.Namespace, plan: PlacementPlan) -> dict
 
 
 def _rebalance_via_ray(args: argparse.Namespace, plan: PlacementPlan) -> dict[str, Any]:
+    import ray
+
     joined = not ray.is_initialized()  # in-process callers (tests) may already hold a connection: keep it
     connect_ray(args.ray_address, args.namespace)
     try:

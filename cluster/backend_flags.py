@@ -7,7 +7,6 @@ import argparse
 from pathlib import Path
 
 from cluster.arguments import Parser, positive_int
-from cluster.controller import HostResources
 from cluster.deploy import (
     ClusterConfig,
     ExpertCluster,
@@ -16,6 +15,7 @@ from cluster.deploy import (
     load_cluster_model,
     load_local_model,
 )
+from cluster.placement import HostResources
 from mixtral.model import Mixtral
 from router.dispatch import DispatchConfig
 

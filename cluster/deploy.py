@@ -10,11 +10,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import ray
 import torch
 
-from cluster.controller import Controller, HostResources
-from cluster.placement import PlacementError, PlacementPlan
+from cluster.placement import HostResources, PlacementError, PlacementPlan
 from cluster.rebalance import RebalanceError
 from experts.backend import InProcessExperts
 from experts.weights import all_experts, load_shard
@@ -139,6 +137,8 @@ class ExpertCluster:
     """A running set of expert hosts behind a controller, and the remote backend that calls them."""
 
     def __init__(self, cfg: ClusterConfig, model_config: ModelConfig) -> None:
+        import ray  # imported only where the cluster backend runs: the local backend and clients need no Ray
+
         self.cfg = cfg
         plan = self._plan(model_config)
         self._table: RoutingTable | None = None
@@ -159,6 +159,10 @@ class ExpertCluster:
 
     def _start_controller(self, plan: PlacementPlan) -> Any:
         """The controller actor (a handle); it starts creating the plan's hosts at once."""
+        import ray
+
+        from cluster.controller import Controller
+
         cfg = self.cfg
         # On the head node (whose loss ends the cluster anyway), restarted by Ray if its process dies;
         # calls made while it restarts are retried rather than failed.
@@ -184,6 +188,8 @@ class ExpertCluster:
         return plan
 
     def _fetch_table(self, refresh: bool) -> RoutingTable:
+        import ray
+
         try:
             reply = self.controller.routing_table.remote(refresh)
             text: str = ray.get(reply, timeout=self.cfg.dispatch.call_timeout_s)
@@ -199,6 +205,8 @@ class ExpertCluster:
         return self._table
 
     def hosts_info(self) -> list[dict[str, Any]]:
+        import ray
+
         return list(ray.get(self.controller.hosts_info.remote(), timeout=60))
 
     def rebalance(self, plan: PlacementPlan, host_memory_bytes: int | None = None) -> dict[str, Any]:
@@ -211,10 +219,14 @@ class ExpertCluster:
 
     def placement(self) -> PlacementPlan:
         """The plan the hosts serve now."""
+        import ray
+
         return PlacementPlan.from_json(ray.get(self.controller.placement.remote(), timeout=60))
 
     def is_serving(self) -> bool:
         """True while every expert of the plan has a live host (the controller's view)."""
+        import ray
+
         try:
             return bool(ray.get(self.controller.is_serving.remote(), timeout=10))
         except Exception:  # the controller itself is unreachable: not serving
@@ -223,6 +235,8 @@ class ExpertCluster:
 
     def close(self) -> None:
         """Stop the hosts and the controller; shut Ray down if this cluster started it."""
+        import ray
+
         backend = getattr(self, "backend", None)
         if backend is not None:
             backend.close()
@@ -243,6 +257,8 @@ class ExpertCluster:
 def rebalance_controller(controller: Any, plan: PlacementPlan, host_memory_bytes: int | None,
                          settle_s: float) -> dict[str, Any]:
     """Ask a controller actor to apply `plan`; RebalanceError carries its reason when it refuses."""
+    import ray
+
     try:
         report: dict[str, Any] = json.loads(ray.get(controller.rebalance.remote(
             plan.to_json(), host_memory_bytes, settle_s)))
@@ -255,6 +271,8 @@ def rebalance_controller(controller: Any, plan: PlacementPlan, host_memory_bytes
 
 def connect_ray(address: str | None, namespace: str) -> bool:
     """Join the Ray cluster at `address`, or start a light local instance; True if this call started Ray."""
+    import ray
+
     if ray.is_initialized():
         return False
     if address is None:

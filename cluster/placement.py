@@ -22,6 +22,27 @@ class PlacementError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class HostResources:
+    """What each expert host asks of Ray, and how Ray supervises it."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0  # fractional allowed; 0: CPU-only hosts
+    strategy: str = "PACK"  # placement group strategy over nodes: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD
+    max_restarts: int = 3
+    ready_timeout_s: float = 120.0
+    probe_timeout_s: float = 2.0  # a host that does not report its endpoint in time is left out of the table
+    health_interval_s: float = 2.0  # how often the controller re-probes its hosts on its own
+
+    def __post_init__(self) -> None:
+        if self.strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ValueError(f"strategy={self.strategy!r} must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
+        if self.num_cpus <= 0 or self.num_gpus < 0:
+            raise ValueError(f"num_cpus={self.num_cpus} must be > 0 and num_gpus={self.num_gpus} >= 0")
+        if self.max_restarts < -1:
+            raise ValueError(f"max_restarts={self.max_restarts} must be -1 (forever) or more")
+
+
+@dataclass(frozen=True, slots=True)
 class HostPlan:
     """One expert host and the (layer, expert) entries it loads and serves."""
 

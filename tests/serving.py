@@ -28,7 +28,6 @@ from typing import Any
 import grpc
 from torch import Tensor
 
-from cluster.controller import HostResources
 from cluster.deploy import (
     ClusterConfig,
     ExpertCluster,
@@ -38,6 +37,7 @@ from cluster.deploy import (
     load_cluster_model,
     load_local_model,
 )
+from cluster.placement import HostResources
 from cluster.serve import ServeConfig, Served, serve
 from mixtral.block import Experts, PendingExperts
 from mixtral.config import ModelConfig

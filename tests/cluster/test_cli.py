@@ -374,3 +374,30 @@ def test_a_plan_over_the_host_memory_budget_is_refused_before_anything_starts(ti
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert "host-0" in err and "more than its memory budget of 100000 bytes" in err
+
+
+# Imports ray and kubernetes fail in this interpreter, as on a machine that has neither installed.
+WITHOUT_RAY = """
+import importlib.abc, sys
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.partition(".")[0] in ("ray", "kubernetes"):
+            raise ImportError(f"{name} is not installed here")
+sys.meta_path.insert(0, Refuse())
+from cluster.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_the_local_backend_and_the_client_commands_run_without_ray(tiny_checkpoint: Path) -> None:
+    # A router process with every expert in it (--backend local) and `generate --server` clients need
+    # no Ray: Ray is imported only where the cluster backend starts or a controller is reached.
+    args = ["generate", "--model", str(tiny_checkpoint), "--token-ids", "1,415,5565,302", "--temperature", "0",
+            "--max-new-tokens", "3", "--json"]
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_RAY, *args], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert len(Run(args, proc.returncode, proc.stdout, proc.stderr).json()["token_ids"]) == 3
+    cluster = subprocess.run([sys.executable, "-c", WITHOUT_RAY, *args, "--backend", "cluster"], cwd=REPO,
+                             env=ENV, capture_output=True, text=True, timeout=300)
+    assert cluster.returncode != 0 and "ray is not installed here" in cluster.stderr

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.controller import HostResources
 from cluster.deploy import ClusterConfig, LocalConfig, build_engine, load_cluster_model, load_local_model
+from cluster.placement import HostResources
 from mixtral.model import Mixtral
 from router.engine import Completion, EngineConfig
 from router.kv_cache import CacheConfig

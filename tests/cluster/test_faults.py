@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import ray
 
-from cluster.controller import HostResources
 from cluster.deploy import ClusterConfig, ExpertCluster, LocalConfig, build_engine, load_cluster_model, load_local_model
+from cluster.placement import HostResources
 from mixtral.model import Mixtral
 from router.dispatch import DispatchConfig, ExpertUnavailableError
 from router.engine import EngineConfig

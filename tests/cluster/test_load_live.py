@@ -18,10 +18,9 @@ from typing import Any
 import pytest
 
 from cluster.cli import main
-from cluster.controller import HostResources
 from cluster.deploy import ClusterConfig, load_cluster_model
 from cluster.load import ExpertLoad
-from cluster.placement import HostPlan, PlacementPlan
+from cluster.placement import HostPlan, HostResources, PlacementPlan
 from mixtral.block import Experts
 from mixtral.config import ModelConfig
 from router.api import ServerConfig

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from cluster.controller import HostResources
 from cluster.deploy import ClusterConfig, ExpertCluster
+from cluster.placement import HostResources
 from mixtral.config import ModelConfig
 from tests.raynodes import RayNodes
 

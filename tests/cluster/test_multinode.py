@@ -21,8 +21,8 @@ import psutil
 import pytest
 import ray
 
-from cluster.controller import HostResources
 from cluster.deploy import ClusterConfig, ExpertCluster, LocalConfig, build_engine, load_cluster_model, load_local_model
+from cluster.placement import HostResources
 from mixtral.config import ModelConfig
 from mixtral.model import Mixtral
 from router.dispatch import DispatchConfig
