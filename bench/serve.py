@@ -1,6 +1,6 @@
 """End-to-end serving benchmark: moe-cluster over its real gRPC API beside its peers, in one run.
 
-    .venv/bin/python bench/serve.py --model models/mini [--quick] [--dtype float32 bfloat16]
+    .venv/bin/python bench/serve.py --model models/mini [--quick] [--dtype float32 bfloat16] [--device cuda]
         [--concurrency 1 8 32] [--systems limit moe-local moe-cluster transformers vllm llama.cpp]
 
 Workload: C clients at once, each a 128-token prompt (random ids of the real vocabulary) and 128
@@ -18,6 +18,8 @@ new tokens, greedy, EOS ignored. Output tokens/s = C * new tokens / wall time of
                  note): set LLAMA_BENCH=<path to the tool> and LLAMA_GGUF_DIR=<dir holding <model>-bf16.gguf and
                  <model>-f32.gguf>, used for bfloat16 and float32
   Peers not installed (variables unset) give a row that says so; bench/README.md has the install steps.
+With --device cuda (bfloat16 unless --dtype) the limit, the servers (router and, for moe-cluster, the two hosts
+sharing the GPU) and transformers run on the GPU; the limit replays its matmuls as one CUDA graph.
 The limit row is measured by bench/limit.py. Writes bench/results/serve.json, serve.md and serve.png; progress
 on stderr.
 """
@@ -84,18 +86,18 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def limit_row(model_dir: Path, dtype: str, concurrency: int, prompt_len: int, new_tokens: int,
-              routing: Routing) -> Row:
+              routing: Routing, device: str) -> Row:
     """The limit as output tokens/s: the prefill's matmuls, then new_tokens - 1 decode steps' (bench/limit.py)."""
     from limit import time_limit
 
-    prefill, decode, sampled = time_limit(model_dir, dtype, concurrency, prompt_len, routing)
+    prefill, decode, sampled = time_limit(model_dir, dtype, concurrency, prompt_len, routing, device)
     total = prefill.median + (new_tokens - 1) * decode.median  # the prefill yields the first token
     return Row("limit (matmuls alone)", dtype, concurrency, concurrency * new_tokens / total,
                ttft_p50_s=prefill.median, itl_p50_s=decode.median,
                note=f"experts on the rows the model routes ({routing.describe(sampled)}); the "
                     f"checkpoint's distinct weights; median of {decode.rounds} interleaved rounds, decode step "
-                    f"{decode.low * 1e3:.0f}-{decode.high * 1e3:.0f} ms, prefill {prefill.low:.2f}-"
-                    f"{prefill.high:.2f} s")
+                    f"{decode.low * 1e3:.1f}-{decode.high * 1e3:.1f} ms, prefill {prefill.low:.3f}-"
+                    f"{prefill.high:.3f} s" + ("; one CUDA graph" if device != "cpu" else ""))
 
 
 # --- moe-cluster over gRPC ---------------------------------------------------------------------------
@@ -179,25 +181,32 @@ def run_clients(port: int, prompts: list[list[int]], new_tokens: int) -> tuple[l
 # --- peers -------------------------------------------------------------------------------------------
 
 
-def transformers_row(model_dir: Path, dtype: str, work: Workload) -> Row:
+def transformers_row(model_dir: Path, dtype: str, work: Workload, device: str) -> Row:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
     model.generation_config.eos_token_id = None
-    ids = torch.tensor(work.prompts)
+    ids = torch.tensor(work.prompts, device=device)
     kwargs = dict(do_sample=False, pad_token_id=0)
     with torch.inference_mode():
         model.generate(ids[:1, :8], max_new_tokens=2, **kwargs)  # warm-up
         kwargs["attention_mask"] = torch.ones_like(ids)
         start = time.perf_counter()
         model.generate(ids, max_new_tokens=1, **kwargs)
+        sync(device)
         ttft = time.perf_counter() - start
         start = time.perf_counter()
         model.generate(ids, max_new_tokens=work.new_tokens, min_new_tokens=work.new_tokens, **kwargs)
+        sync(device)
         wall = time.perf_counter() - start
     itl = (wall - ttft) / max(1, work.new_tokens - 1)
     return Row("transformers generate", dtype, len(work.prompts), len(work.prompts) * work.new_tokens / wall,
                ttft_p50_s=ttft, itl_p50_s=itl, note="batched; ttft = whole prefill")
+
+
+def sync(device: str) -> None:
+    if device != "cpu":
+        torch.cuda.synchronize()
 
 
 def vllm_row(model_dir: Path, dtype: str, work: Workload) -> Row:
@@ -247,7 +256,7 @@ def run_all(args: argparse.Namespace) -> list[Row]:
             work = Workload(make_prompts(concurrency, args.prompt_len, vocab), args.new_tokens)
             if "limit" in args.systems:
                 log(f"recording the workload's routing: the in-process engine, {dtype}, C={concurrency}")
-                work.routing = record_routing(args.model, dtype, work.prompts, work.new_tokens)
+                work.routing = record_routing(args.model, dtype, work.prompts, work.new_tokens, args.device)
             limit: Row | None = None
             for i, system in enumerate(args.systems):
                 log(f"{system} {dtype} C={concurrency}")
@@ -280,14 +289,19 @@ def stricter(before: Row, after: Row) -> Row:
 def run_system(system: str, args: argparse.Namespace, dtype: str, work: Workload) -> Row | None:
     if system == "limit":
         assert work.routing is not None
-        return limit_row(args.model, dtype, len(work.prompts), args.prompt_len, work.new_tokens, work.routing)
+        return limit_row(args.model, dtype, len(work.prompts), args.prompt_len, work.new_tokens, work.routing,
+                         args.device)
+    device = ["--device", args.device]
     if system == "moe-local":
-        return moe_row("moe-cluster local", args.model, dtype, work, ["--backend", "local"])
+        return moe_row("moe-cluster local", args.model, dtype, work, ["--backend", "local", *device])
     if system == "moe-cluster":
+        gpus = ["--gpus-per-host", "0.5"] if args.device != "cpu" else []  # the two hosts share the one GPU
         return moe_row("moe-cluster cluster (2 hosts)", args.model, dtype, work,
-                       ["--backend", "cluster", "--hosts", "2", "--cpus-per-host", "1"])
+                       ["--backend", "cluster", "--hosts", "2", "--cpus-per-host", "1", *gpus, *device])
     if system == "transformers":
-        return transformers_row(args.model, dtype, work)
+        return transformers_row(args.model, dtype, work, args.device)
+    if system in ("vllm", "llama.cpp") and args.device != "cpu":
+        return Row(system, dtype, len(work.prompts), float("nan"), note="its CPU build: not run beside GPU rows")
     if system == "vllm":
         return vllm_row(args.model, dtype, work)
     if system == "llama.cpp":
@@ -297,7 +311,7 @@ def run_system(system: str, args: argparse.Namespace, dtype: str, work: Workload
 
 def table(rows: list[Row]) -> str:
     def ms(v: float | None) -> str:
-        return "" if v is None else f"{v * 1e3:.0f}"
+        return "" if v is None else f"{v * 1e3:.0f}" if v >= 0.1 else f"{v * 1e3:.1f}"  # GPU steps take a few ms
 
     lines = ["| system | dtype | C | output tok/s | TTFT p50 (ms) | TTFT p99 (ms) | ITL p50 (ms) | ITL p99 (ms) "
              "| note |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -343,12 +357,19 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--systems", nargs="+",
                         default=["limit", "moe-local", "moe-cluster", "transformers", "vllm", "llama.cpp"])
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda: every system but the CPU-only peers on the GPU")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serve")
     args = parser.parse_args()
     if args.new_tokens < 2 or args.prompt_len < 1 or min(args.concurrency) < 1:
         parser.error("--new-tokens must be at least 2 (one decode step), --prompt-len and --concurrency at least 1")
     if args.quick:
         args.concurrency, args.new_tokens = [1, 8], 32
+    if args.device not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device}: use cpu or cuda")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no GPU here")
+    if args.device == "cuda":
+        args.dtype = args.dtype or ["bfloat16"]
     args.dtype = args.dtype or (["float32"] if args.quick else ["float32", "bfloat16"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = run_all(args)

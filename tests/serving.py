@@ -56,11 +56,12 @@ START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 60.0
 
 
-def load_counted_model(model_dir: Path, wrap: ExpertsWrapper | None = None) -> tuple[Mixtral, CountingExperts]:
-    """The whole model in this process (float32, CPU), its experts wrapped in a CountingExperts
+def load_counted_model(model_dir: Path, wrap: ExpertsWrapper | None = None, device: str = "cpu"
+                       ) -> tuple[Mixtral, CountingExperts]:
+    """The whole model in this process (float32, on `device`), its experts wrapped in a CountingExperts
     (outermost) around `wrap(experts)` if given."""
     wrapper, counting = _counted(model_dir, wrap)
-    loaded = load_local_model(LocalConfig(model_dir, dtype="float32", device="cpu"), wrapper)
+    loaded = load_local_model(LocalConfig(model_dir, dtype="float32", device=device), wrapper)
     return loaded, counting[0]
 
 

@@ -32,8 +32,8 @@ CASES: dict[str, dict[str, Any]] = {
 
 
 def run_engine(model_dir: Path, prompts: list[list[int]], dtype: str = "float32", new_tokens: int = NEW_TOKENS,
-               max_batch_tokens: int = 2048) -> list[Completion]:
-    cfg = LocalConfig(model_dir, dtype=dtype, device="cpu",
+               max_batch_tokens: int = 2048, device: str = "cpu") -> list[Completion]:
+    cfg = LocalConfig(model_dir, dtype=dtype, device=device,
                       cache=CacheConfig(num_slots=len(prompts), max_seq_len=64),
                       engine=EngineConfig(max_batch_tokens=max_batch_tokens))
     engine = build_local_engine(cfg)
@@ -52,11 +52,11 @@ def hf_model(model_dir: Path, dtype: torch.dtype) -> Any:
 def reference(model: Any, prompt: list[int], new_tokens: int = NEW_TOKENS
               ) -> tuple[list[int], torch.Tensor, torch.Tensor]:
     """transformers' greedy tokens for one prompt, the log-softmax of each chosen token, and the
-    margin of each choice (best minus second-best logit)."""
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+    margin of each choice (best minus second-best logit), on the model's device."""
+    out = model.generate(torch.tensor([prompt], device=model.device), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
                          output_logits=True, return_dict_in_generate=True)
     tokens = out.sequences[0, len(prompt):].tolist()
-    logits = torch.stack([step[0].float() for step in out.logits])  # [N, V]
+    logits = torch.stack([step[0].float().cpu() for step in out.logits])  # [N, V]
     logprobs = torch.log_softmax(logits, -1).gather(1, torch.tensor(tokens)[:, None]).squeeze(1)
     top2 = logits.topk(2, dim=-1).values
     return tokens, logprobs, top2[:, 0] - top2[:, 1]
