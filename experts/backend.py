@@ -9,7 +9,7 @@ from torch import Tensor
 
 from experts.weights import ExpertShard
 from mixtral.block import Done
-from mixtral.expert import HeldExperts, moe_forward
+from mixtral.expert import HeldExperts, moe_output
 
 
 class InProcessExperts:
@@ -25,7 +25,7 @@ class InProcessExperts:
 
     def __call__(self, layer: int, hidden: Tensor, expert_ids: Tensor, weights: Tensor) -> Tensor:
         """Weighted sum of each token's experts: hidden [T, D], expert_ids and weights [T, K] -> [T, D]."""
-        return moe_forward(hidden, expert_ids, weights, self._layers[layer], self.num_experts)[0]
+        return moe_output(hidden, expert_ids, weights, self._layers[layer], self.num_experts)
 
     def submit(self, layer: int, hidden: Tensor, expert_ids: Tensor, weights: Tensor) -> Done:
         """Computed at once: in one process there is nothing to overlap with."""

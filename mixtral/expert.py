@@ -11,7 +11,9 @@ The experts run in a loop, each on exactly its rows; for tiled stacks the whole 
 gather, SwiGLU, weighted sum) is one call of the CPU kernels (`moe_forward`), with the same bits. A
 batched matmul over the stacks (rows padded to the busiest expert) was measured on the 2-core CPU
 machine: no faster at 32 decoding sequences (uneven routing pads 64 rows to about 110) and 20% slower
-at 8, so it is not used.
+at 8, so it is not used there. On a GPU, batches of decode size (`DENSE_MAX_TOKENS`) run every held expert on
+every row instead (`moe_dense`): the loop's per-expert kernels and the host syncs of grouping (the rows per
+expert are read back to size each expert's matmul) cost far more than reading each expert's weights once.
 """
 
 from __future__ import annotations
@@ -90,9 +92,11 @@ class LayerExperts(Mapping[int, ExpertWeights]):
         return ExpertWeights(self.w13[i], self.w2[i], self.layout)
 
     def slots(self, num_experts: int) -> Tensor:
-        """[E] int64: each expert's index in the stacks, -1 for the experts of the layer not held here."""
+        """[E] int64 on the stacks' device: each expert's index in the stacks, -1 for the layer's experts not
+        held here."""
         if self._slots is None or self._slots.shape[0] != num_experts:
-            self._slots = torch.tensor([self._index.get(e, -1) for e in range(num_experts)], dtype=torch.int64)
+            self._slots = torch.tensor([self._index.get(e, -1) for e in range(num_experts)], dtype=torch.int64,
+                                       device=self.w13.device)
         return self._slots
 
     def pack_for_cpu(self) -> LayerExperts | PackedExperts:
@@ -207,17 +211,64 @@ def moe_combine(hidden: Tensor, groups: ExpertGroups, experts: Mapping[int, Expe
     return out
 
 
+DENSE_MAX_TOKENS = 64  # on a GPU, batches up to this many tokens run every held expert (`moe_dense`)
+
+
+def dense_fits(hidden: Tensor, experts: Mapping[int, ExpertWeights]) -> bool:
+    """Whether `moe_dense` runs these rows: a decode-sized batch on a GPU, plain stacked experts."""
+    return (hidden.device.type == "cuda" and 0 < hidden.shape[0] <= DENSE_MAX_TOKENS
+            and isinstance(experts, LayerExperts) and experts.layout is Layout.PLAIN and len(experts.ids) > 0)
+
+
+def moe_dense(hidden: Tensor, expert_ids: Tensor, weights: Tensor, experts: LayerExperts, num_experts: int
+              ) -> Tensor:
+    """`moe_combine`'s weighted sum, computed by running every held expert on every row: hidden [T, D],
+    expert_ids and weights [T, K] (-1 or an expert not held: no contribution) -> [T, D].
+
+    Fixed shapes and no value read back to the host, so a GPU runs a layer's experts in a few kernels while
+    the host goes on queueing: [S, T, D] x [S, D, 2F] and [S, T, F] x [S, F, D] batched matmuls for the S held
+    experts, then each row's routing weights (0 for the experts it did not choose) in float32. The sum is
+    rounded once, where `moe_combine` rounds after each expert: the difference is within a rounding step.
+    """
+    tokens, held = hidden.shape[0], len(experts.ids)
+    ids = expert_ids.long()
+    slot = experts.slots(num_experts)[ids.clamp(min=0)]  # [T, K] index in the stacks, -1 if not held
+    slot = torch.where((ids >= 0) & (slot >= 0), slot, held)  # not computed here: an extra column, dropped
+    dense = torch.zeros(tokens, held + 1, dtype=torch.float32, device=hidden.device)
+    dense.scatter_add_(1, slot, weights.float())  # [T, S + 1] each row's weight for each held expert
+    gate_up = torch.bmm(hidden.expand(held, tokens, hidden.shape[1]), experts.w13.transpose(1, 2))  # [S, T, 2F]
+    gate, up = gate_up.chunk(2, dim=-1)
+    y = torch.bmm(F.silu(gate) * up, experts.w2.transpose(1, 2))  # [S, T, D]
+    return (y.float() * dense[:, :held].T[:, :, None]).sum(0).to(hidden.dtype)
+
+
+def moe_output(hidden: Tensor, expert_ids: Tensor, weights: Tensor, experts: Mapping[int, ExpertWeights],
+               num_experts: int) -> Tensor:
+    """`moe_forward`'s weighted sum alone, for callers that do not count rows: on a GPU `moe_dense` then
+    reads nothing back to the host."""
+    if dense_fits(hidden, experts):
+        assert isinstance(experts, LayerExperts)
+        return moe_dense(hidden, expert_ids, weights, experts, num_experts)
+    return moe_forward(hidden, expert_ids, weights, experts, num_experts)[0]
+
+
 def moe_forward(hidden: Tensor, expert_ids: Tensor, weights: Tensor, experts: Mapping[int, ExpertWeights],
                 num_experts: int) -> tuple[Tensor, list[int]]:
     """A layer's experts on the rows routed to them: hidden [T, D], expert_ids and weights [T, K] (-1: a
     slot served elsewhere) -> (the [T, D] weighted sum of each token's experts, rows per expert [E]).
 
     Tiled bf16 stacks run in one call of the CPU kernels (`cpu_kernels.moe_experts`: grouping, gather,
-    SwiGLU and the weighted sum), with the bits of `group_by_expert` + `moe_combine`, which run otherwise.
+    SwiGLU and the weighted sum), with the bits of `group_by_expert` + `moe_combine`, which run otherwise;
+    decode-sized batches on a GPU run `moe_dense`.
     """
     if (isinstance(experts, LayerExperts) and experts.layout is Layout.TILES
             and cpu_kernels.experts_fit(hidden, experts.w13, experts.w2)):
         return cpu_kernels.moe_experts(hidden, expert_ids, weights, experts.slots(num_experts), experts.w13,
                                        experts.w2)
+    if dense_fits(hidden, experts):
+        assert isinstance(experts, LayerExperts)
+        ids = expert_ids.reshape(-1).long()
+        counts = torch.bincount(ids[ids >= 0], minlength=num_experts).tolist()
+        return moe_dense(hidden, expert_ids, weights, experts, num_experts), counts
     groups = group_by_expert(expert_ids, weights, num_experts)
     return moe_combine(hidden, groups, experts), groups.counts

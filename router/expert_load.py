@@ -23,7 +23,8 @@ class CountingExperts:
     """Wraps an expert backend and counts the (token, k) slots the gate sends to each expert.
 
     The engine thread adds; other threads (admin, metrics) read through `snapshot`. A snapshot taken
-    while a step runs holds that step's rows for the layers already run only.
+    while a step runs holds that step's rows for the layers already run only. The count lives on the
+    device of the expert ids it is given, so that on a GPU counting reads nothing back to the host.
     """
 
     def __init__(self, inner: Experts, num_layers: int, num_experts: int) -> None:
@@ -40,14 +41,17 @@ class CountingExperts:
         return self.inner.submit(layer, hidden, expert_ids, weights)
 
     def snapshot(self) -> Tensor:
-        """A copy of the rows so far, [L, E] int64, never half-way through a layer's update."""
+        """A copy of the rows so far, [L, E] int64 on the CPU, never half-way through a layer's update."""
         with self._lock:
-            return self.rows.clone()
+            return self.rows.to("cpu", copy=True)
 
     def _count(self, layer: int, expert_ids: Tensor) -> None:
-        added = torch.bincount(expert_ids.reshape(-1).cpu(), minlength=self.rows.shape[1])
+        ids = expert_ids.reshape(-1).long()
         with self._lock:
-            self.rows[layer] += added
+            if self.rows.device != ids.device:
+                self.rows = self.rows.to(ids.device)
+            # index_add_, not bincount: CUDA's bincount reads the largest id back to the host
+            self.rows[layer].index_add_(0, ids, torch.ones_like(ids))
 
 
 @dataclass(frozen=True, slots=True)

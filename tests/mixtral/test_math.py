@@ -19,6 +19,7 @@ from mixtral.expert import (
     expert_ffn,
     group_by_expert,
     moe_combine,
+    moe_dense,
     moe_forward,
 )
 from mixtral.gate import route
@@ -86,6 +87,29 @@ def test_a_hosts_experts_give_each_tokens_weighted_sum_over_the_experts_it_holds
         want[t] += weights[t, k] * expert_ffn(hidden[t:t + 1].float(), _fp32(experts[int(ids[t, k])]))[0]
     tolerance = 1e-4 if dtype == torch.float32 else 0.05 * float(want.abs().max())
     torch.testing.assert_close(got.float(), want, atol=tolerance, rtol=1e-3 if dtype == torch.float32 else 0.02)
+
+
+@settings(max_examples=40, deadline=None)
+@given(tokens=st.integers(1, 64), held=st.sets(st.integers(0, 5), min_size=1),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
+def test_every_held_expert_on_every_row_gives_the_grouped_weighted_sum(
+        tokens: int, held: set[int], dtype: torch.dtype, seed: int) -> None:
+    """moe_dense (a GPU's decode-sized batches) computes what the grouped loop does, -1 slots included; it
+    rounds the sum once where the loop rounds after each expert."""
+    g = torch.Generator().manual_seed(seed)
+    d, f, e = 16, 24, 6
+    experts = LayerExperts.stack({i: ExpertWeights.from_checkpoint(
+        torch.randn(f, d, generator=g).to(dtype), torch.randn(d, f, generator=g).to(dtype),
+        torch.randn(f, d, generator=g).to(dtype)) for i in sorted(held)})
+    hidden = torch.randn(tokens, d, generator=g).to(dtype)
+    weights, ids = route(torch.randn(tokens, e, generator=g), 2)
+    ids = torch.where(torch.isin(ids, torch.tensor(sorted(held))), ids, -1)  # rows of other hosts' experts
+    got = moe_dense(hidden, ids, weights, experts, e)
+    want = moe_combine(hidden, group_by_expert(ids, weights, e), experts)
+    assert got.dtype == dtype and got.shape == (tokens, d)
+    assert bool((got[(ids < 0).all(1)] == 0).all())  # a row none of whose experts are held gets nothing
+    spacing = 0 if dtype == torch.float32 else 2 * float(want.abs().max()) * 2**-8  # two bf16 steps
+    torch.testing.assert_close(got.float(), want.float(), atol=1e-4 + spacing, rtol=1e-4)
 
 
 def _fp32(expert: ExpertWeights) -> ExpertWeights:
