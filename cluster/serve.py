@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +50,7 @@ class ServeConfig:
     load_window: LoadWindowConfig = field(default_factory=LoadWindowConfig)  # Admin.GetLoad's snapshots
     grace_s: float = 30.0
     model_name: str = "mixtral"  # the model's name in KServe v2 requests (the model directory's name)
+    warm_up: bool | None = None  # one full-size step before serving (Engine.warm_up); None: on a GPU only
 
     def __post_init__(self) -> None:
         if self.grace_s < 0:
@@ -74,7 +76,14 @@ async def serve(model: Mixtral, counting: CountingExperts, tokenizer: Tokenizer,
     `cluster`: the expert hosts (cluster backend), which Admin.GetPlacement and Rebalance act on;
     None: the local backend, where they answer FAILED_PRECONDITION.
     """
-    scheduler = Scheduler(build_engine(model, cfg.cache, cfg.engine), cfg.scheduler)
+    engine = build_engine(model, cfg.cache, cfg.engine)
+    if cfg.warm_up if cfg.warm_up is not None else model.device.type == "cuda":
+        started = time.monotonic()
+        sequences, length = engine.warm_up()
+        counting.reset()
+        log.info("warmed up in %.2f s: %d sequences of %d prompt tokens, then a decode step",
+                 time.monotonic() - started, sequences, length)
+    scheduler = Scheduler(engine, cfg.scheduler)
     scheduler.start()
     metrics = Metrics()
     generation = GenerationService(scheduler, tokenizer, info, cfg.server.limits, metrics, cfg.server.guardrail,

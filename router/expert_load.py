@@ -45,6 +45,11 @@ class CountingExperts:
         with self._lock:
             return self.rows.to("cpu", copy=True)
 
+    def reset(self) -> None:
+        """Count from zero again (after a warm-up, whose rows are no one's load)."""
+        with self._lock:
+            self.rows.zero_()
+
     def _count(self, layer: int, expert_ids: Tensor) -> None:
         ids = expert_ids.reshape(-1).long()
         with self._lock:

@@ -59,6 +59,8 @@ def new_generator(seed: int | None) -> torch.Generator:
 def sample(logits: Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]
            ) -> tuple[list[int], list[float]]:
     """Logits [R, V] (float32) -> chosen token and its log-probability per row."""
+    if logits.device.type != "cpu":
+        return _sample_on_device(logits, params, generators)
     found = cpu_kernels.greedy(logits)  # greedy tokens and log-normalisers in one call, where the kernels run
     if found is None:
         logprobs = torch.log_softmax(logits, dim=-1)  # [R, V]
@@ -76,6 +78,25 @@ def sample(logits: Tensor, params: Sequence[SamplingParams], generators: Sequenc
     else:
         token_logprobs = logits.gather(1, chosen[:, None]).squeeze(1) - top - log_norm
     return chosen.tolist(), token_logprobs.tolist()
+
+
+def _sample_on_device(logits: Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]
+                      ) -> tuple[list[int], list[float]]:
+    """`sample` of logits on a GPU: each row's greedy token and log-probability are found there, so 2R numbers
+    come back to the host instead of R x V logits. Only rows that sample at random are copied back whole, to
+    draw from their generators (on the host, so a seed gives the same tokens on any device)."""
+    top, chosen = logits.max(dim=-1)  # [R]
+    logprob = -torch.logsumexp(logits - top[:, None], dim=-1)  # the chosen token's logit is the top
+    found = torch.stack((chosen.double(), logprob.double())).cpu()  # one copy back; ids are exact in float64
+    token_ids, logprobs = [int(t) for t in found[0].tolist()], found[1].tolist()
+    random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
+    if random_rows:
+        rows = logits[random_rows].cpu()  # [r, V]
+        picked = _sample_rows(rows, [params[i] for i in random_rows], [generators[i] for i in random_rows])
+        picked_logprobs = torch.log_softmax(rows, dim=-1).gather(1, picked[:, None]).squeeze(1)
+        for i, token, logprob_i in zip(random_rows, picked.tolist(), picked_logprobs.tolist(), strict=True):
+            token_ids[i], logprobs[i] = token, logprob_i
+    return token_ids, logprobs
 
 
 def _sample_rows(logits: Tensor, params: Sequence[SamplingParams],

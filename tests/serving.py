@@ -198,7 +198,7 @@ def start_server(model_dir: Path | None = None, *, server: ServerConfig | None =
                  engine: EngineConfig | None = None, grace_s: float = 10.0,
                  model: tuple[Mixtral, CountingExperts] | None = None, wrap: ExpertsWrapper | None = None,
                  is_healthy: Callable[[], bool] = lambda: True, info: dict[str, Any] | None = None,
-                 cluster: Any = None) -> ServerHandle:
+                 cluster: Any = None, warm_up: bool | None = None) -> ServerHandle:
     """Start `serve()` on 127.0.0.1, port 0, no metrics endpoint; returns once it is listening.
 
     `model`: an already loaded (model, counting) pair (the cluster backend); else `model_dir` is loaded
@@ -213,7 +213,8 @@ def start_server(model_dir: Path | None = None, *, server: ServerConfig | None =
     tokenizer = load_tokenizer(model_dir, loaded.config.vocab_size)
     server_cfg = dataclasses.replace(server or ServerConfig(), host="127.0.0.1", port=0)
     cfg = ServeConfig(server=server_cfg, scheduler=scheduler or SchedulerConfig(), engine=engine or EngineConfig(),
-                      cache=cache or CacheConfig(num_slots=8, max_seq_len=512), metrics_port=None, grace_s=grace_s)
+                      cache=cache or CacheConfig(num_slots=8, max_seq_len=512), metrics_port=None, grace_s=grace_s,
+                      warm_up=warm_up)
     response = model_info(loaded, cfg, tokenizer, **(info or {}))
     ready = threading.Event()
     state: dict[str, Any] = {}

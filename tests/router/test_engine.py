@@ -173,6 +173,17 @@ def test_overlapped_microbatches_compute_what_one_batch_does(which: str, model: 
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
 
 
+def test_a_warm_up_fills_one_step_then_leaves_the_engine_empty_and_its_results_unchanged(model: Mixtral) -> None:
+    engine = engine_for(model, slots=4, max_seq_len=64, max_batch_tokens=40)
+    assert engine.warm_up() == (4, 10)  # every slot, the step's whole budget of prompt
+    assert engine.running == [] and engine.cache.num_free == 4
+    for after, fresh in zip(engine.generate(PROMPTS, [GREEDY] * len(PROMPTS)), generate(model, PROMPTS), strict=True):
+        assert after.token_ids == fresh.token_ids
+        torch.testing.assert_close(torch.tensor(after.logprobs), torch.tensor(fresh.logprobs), atol=1e-5, rtol=0)
+    short = engine_for(model, slots=2, max_seq_len=3, max_batch_tokens=8)
+    assert short.warm_up() == (2, 1)  # a prompt and a decode step still fit
+
+
 def test_a_kv_cache_budget_holds_whole_sequences_only(model: Mixtral) -> None:
     from router.kv_cache import slots_within
 

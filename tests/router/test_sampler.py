@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from router.sampler import SamplingParams, new_generator, sample
+from router.sampler import SamplingParams, _sample_on_device, new_generator, sample
 
 LOGITS = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.1]]))
 
@@ -46,3 +46,18 @@ def test_invalid_parameters_are_refused_naming_the_field(bad: dict[str, float]) 
     (field,) = bad
     with pytest.raises(ValueError, match=field):
         SamplingParams(**bad)
+
+
+def test_the_gpu_path_picks_the_host_paths_tokens_and_logprobs() -> None:
+    # `sample` of logits on a GPU finds greedy rows there and copies back only the rows that sample at random;
+    # run here on CPU tensors, it must give what the host path gives: greedy and seeded rows alike.
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 32000, generator=g) * 3
+    params = [SamplingParams(temperature=0.0), SamplingParams(seed=7), SamplingParams(top_k=1),
+              SamplingParams(seed=8, top_p=0.5, temperature=0.7), SamplingParams(temperature=0.0),
+              SamplingParams(seed=9, top_k=40)]
+    host = sample(logits, params, [new_generator(p.seed) for p in params])
+    device = _sample_on_device(logits, params, [new_generator(p.seed) for p in params])
+    assert device[0] == host[0]
+    torch.testing.assert_close(torch.tensor(device[1]), torch.tensor(host[1]), atol=1e-5, rtol=0)
+    assert all(isinstance(t, int) for t in device[0])

@@ -438,3 +438,16 @@ def test_a_tiny_temperature_neither_fails_nor_disturbs_the_batch(tiny_checkpoint
         assert tiny is None or len(tiny.token_ids) == 4
         assert isinstance(other[0], router_pb2.GenerateResponse), other[0]
         assert list(other[0].token_ids) == list(alone.token_ids)
+
+
+def test_a_warmed_up_server_counts_no_warm_up_rows_and_answers_as_a_cold_one(tiny_checkpoint: Path,
+                                                                             server: ServerHandle) -> None:
+    # On a GPU the server runs one full-size step before it listens (ServeConfig.warm_up, forced here): its
+    # rows are no one's expert load, and its cache slots and memory are free again for the first request.
+    prompt = [1, 330, 2033, 349]
+    with start_server(tiny_checkpoint, cache=CacheConfig(num_slots=4, max_seq_len=64), warm_up=True) as warm:
+        assert int(warm.counting.snapshot().sum()) == 0 and warm.idle()
+        got = warm.stub().Generate(request(prompt, max_new_tokens=8), timeout=10)
+        rows = warm.counting.snapshot()  # each of the 4 + 7 forward tokens, at its k experts, in every layer
+        assert rows.sum(1).tolist() == [(len(prompt) + 7) * 2] * rows.shape[0]
+    assert_same_completion(got, server.stub().Generate(request(prompt, max_new_tokens=8), timeout=10), "warmed up")
