@@ -48,13 +48,14 @@ class CountingExperts:
     def reset(self) -> None:
         """Count from zero again (after a warm-up, whose rows are no one's load)."""
         with self._lock:
-            self.rows.zero_()
+            self.rows = torch.zeros_like(self.rows)  # a new tensor: the engine may have made rows in inference mode
 
     def _count(self, layer: int, expert_ids: Tensor) -> None:
         ids = expert_ids.reshape(-1).long()
         with self._lock:
             if self.rows.device != ids.device:
-                self.rows = self.rows.to(ids.device)
+                with torch.inference_mode(False):  # a plain tensor, which other threads may update outside it
+                    self.rows = self.rows.to(ids.device)
             # index_add_, not bincount: CUDA's bincount reads the largest id back to the host
             self.rows[layer].index_add_(0, ids, torch.ones_like(ids))
 

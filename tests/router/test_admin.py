@@ -75,6 +75,20 @@ def run_seconds(cfg: LoadWindowConfig, until: int) -> tuple[LoadWindow, Clock]:
     return window, clock
 
 
+def test_counting_restarts_from_zero_after_a_warm_up_whatever_mode_made_its_count() -> None:
+    # On a GPU the count moves to the device inside the engine's inference mode; the serve loop resets it
+    # after the warm-up, outside that mode (an in-place update of an inference tensor there fails).
+    counter = CountingExperts(identity, num_layers=2, num_experts=4)  # type: ignore[arg-type]
+    with torch.inference_mode():
+        counter(0, torch.zeros(2, 8), torch.tensor([[0, 1], [1, 3]]), torch.ones(2, 2))
+        counter.rows = counter.rows.clone()  # what a move to the ids' device makes inside inference mode
+    counter.reset()
+    assert counter.snapshot().tolist() == [[0] * 4, [0] * 4]
+    with torch.inference_mode():
+        counter(1, torch.zeros(2, 8), torch.tensor([[0, 1], [1, 3]]), torch.ones(2, 2))
+    assert counter.snapshot().tolist() == [[0] * 4, [1, 2, 0, 1]]
+
+
 @pytest.mark.parametrize(("window_s", "answered_s", "seconds"), [
     (10.0, 12.0, range(6, 18)),  # the newest snapshot at least 10 s old is t = 5 (snapshots at 0, 5, 10, 15)
     (2.0, 2.0, range(16, 18)),  # t = 15
