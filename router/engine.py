@@ -148,8 +148,8 @@ class Engine:
     def warm_up(self) -> tuple[int, int]:
         """Run one step as large as this engine takes (every free slot, the step's whole token budget of
         prompt) and a decode step over it, then free everything: a GPU loads the kernels of those shapes and
-        grows its allocator here rather than during the first requests (measured: the first burst's time to
-        first token varied 0.3-1.2 s without this). -> (sequences, prompt tokens each)."""
+        grows its allocator here rather than during the first requests (an H100's fresh servers took 0.3-1.6 s
+        to the first token of their first burst, without this). -> (sequences, prompt tokens each)."""
         n = max(1, min(self.cache.num_free, self.cfg.max_batch_tokens))
         length = max(1, min(self.cfg.max_batch_tokens // n, self.cache.max_seq_len - 2))
         params = SamplingParams(max_new_tokens=max(1, min(2, self.cache.max_seq_len - length)), temperature=0.0,
