@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -27,6 +28,13 @@ from router.kv_cache import CacheConfig, KVCache
 
 log = logging.getLogger(__name__)
 
+
+def _ray() -> ModuleType:
+    """Ray, imported when first needed: only the cluster backend uses it, so the local backend and the client
+    commands run where Ray is not installed, and skip its half-second import."""
+    import ray
+
+    return ray
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,16 +145,14 @@ class ExpertCluster:
     """A running set of expert hosts behind a controller, and the remote backend that calls them."""
 
     def __init__(self, cfg: ClusterConfig, model_config: ModelConfig) -> None:
-        import ray  # imported only where the cluster backend runs: the local backend and clients need no Ray
-
         self.cfg = cfg
         plan = self._plan(model_config)
         self._table: RoutingTable | None = None
         self._started_ray = connect_ray(cfg.ray_address, cfg.namespace)
         self.controller = self._start_controller(plan)
         try:
-            ray.get(self.controller.wait_ready.remote())
-        except ray.exceptions.RayTaskError as err:
+            _ray().get(self.controller.wait_ready.remote())
+        except _ray().exceptions.RayTaskError as err:
             self.close()
             raise ClusterStartError(f"expert hosts did not start: {err.cause}") from None
         except Exception:
@@ -159,14 +165,12 @@ class ExpertCluster:
 
     def _start_controller(self, plan: PlacementPlan) -> Any:
         """The controller actor (a handle); it starts creating the plan's hosts at once."""
-        import ray
-
         from cluster.controller import Controller
 
         cfg = self.cfg
         # On the head node (whose loss ends the cluster anyway), restarted by Ray if its process dies;
         # calls made while it restarts are retried rather than failed.
-        remote_controller = ray.remote(Controller).options(
+        remote_controller = _ray().remote(Controller).options(
             name=cfg.name, namespace=cfg.namespace, lifetime="detached", num_cpus=0, max_concurrency=8,
             max_restarts=-1, max_task_retries=-1, resources={"node:__internal_head__": 0.001})
         tls_files = [str(p) for p in cfg.dispatch_tls] if cfg.dispatch_tls else None
@@ -188,12 +192,10 @@ class ExpertCluster:
         return plan
 
     def _fetch_table(self, refresh: bool) -> RoutingTable:
-        import ray
-
         try:
             reply = self.controller.routing_table.remote(refresh)
-            text: str = ray.get(reply, timeout=self.cfg.dispatch.call_timeout_s)
-        except (ray.exceptions.RayError, TimeoutError) as err:
+            text: str = _ray().get(reply, timeout=self.cfg.dispatch.call_timeout_s)
+        except (_ray().exceptions.RayError, TimeoutError) as err:
             if self._table is None:
                 raise
             # The controller is restarting (or unreachable): keep routing with what we know; dispatch
@@ -205,9 +207,7 @@ class ExpertCluster:
         return self._table
 
     def hosts_info(self) -> list[dict[str, Any]]:
-        import ray
-
-        return list(ray.get(self.controller.hosts_info.remote(), timeout=60))
+        return list(_ray().get(self.controller.hosts_info.remote(), timeout=60))
 
     def rebalance(self, plan: PlacementPlan, host_memory_bytes: int | None = None) -> dict[str, Any]:
         """Move the running hosts to `plan` while serving (see Controller.rebalance); returns its report.
@@ -219,33 +219,27 @@ class ExpertCluster:
 
     def placement(self) -> PlacementPlan:
         """The plan the hosts serve now."""
-        import ray
-
-        return PlacementPlan.from_json(ray.get(self.controller.placement.remote(), timeout=60))
+        return PlacementPlan.from_json(_ray().get(self.controller.placement.remote(), timeout=60))
 
     def is_serving(self) -> bool:
         """True while every expert of the plan has a live host (the controller's view)."""
-        import ray
-
         try:
-            return bool(ray.get(self.controller.is_serving.remote(), timeout=10))
+            return bool(_ray().get(self.controller.is_serving.remote(), timeout=10))
         except Exception:  # the controller itself is unreachable: not serving
             log.warning("the controller did not answer a health check")
             return False
 
     def close(self) -> None:
         """Stop the hosts and the controller; shut Ray down if this cluster started it."""
-        import ray
-
         backend = getattr(self, "backend", None)
         if backend is not None:
             backend.close()
         try:
-            ray.get(self.controller.shutdown.remote(), timeout=60)
+            _ray().get(self.controller.shutdown.remote(), timeout=60)
         finally:
-            ray.kill(self.controller, no_restart=True)
+            _ray().kill(self.controller, no_restart=True)
             if self._started_ray:
-                ray.shutdown()
+                _ray().shutdown()
 
     def __enter__(self) -> ExpertCluster:
         return self
@@ -257,12 +251,10 @@ class ExpertCluster:
 def rebalance_controller(controller: Any, plan: PlacementPlan, host_memory_bytes: int | None,
                          settle_s: float) -> dict[str, Any]:
     """Ask a controller actor to apply `plan`; RebalanceError carries its reason when it refuses."""
-    import ray
-
     try:
-        report: dict[str, Any] = json.loads(ray.get(controller.rebalance.remote(
+        report: dict[str, Any] = json.loads(_ray().get(controller.rebalance.remote(
             plan.to_json(), host_memory_bytes, settle_s)))
-    except ray.exceptions.RayTaskError as err:
+    except _ray().exceptions.RayTaskError as err:
         if isinstance(err.cause, RebalanceError):
             raise RebalanceError(str(err.cause)) from None
         raise
@@ -271,19 +263,17 @@ def rebalance_controller(controller: Any, plan: PlacementPlan, host_memory_bytes
 
 def connect_ray(address: str | None, namespace: str) -> bool:
     """Join the Ray cluster at `address`, or start a light local instance; True if this call started Ray."""
-    import ray
-
-    if ray.is_initialized():
+    if _ray().is_initialized():
         return False
     if address is None:
         # An embedded single-machine instance: no dashboard, a small object store (no tensors go
         # through it), and no token auth on a cluster that only this process can reach.
         # address="local": always a new instance, never another cluster found on this machine.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(address="local", namespace=namespace, include_dashboard=False, object_store_memory=200 * 2**20,
+        _ray().init(address="local", namespace=namespace, include_dashboard=False, object_store_memory=200 * 2**20,
                  log_to_driver=False, configure_logging=False)
         return True
-    ray.init(address=address, namespace=namespace, log_to_driver=False, configure_logging=False)
+    _ray().init(address=address, namespace=namespace, log_to_driver=False, configure_logging=False)
     return False
 
 
