@@ -313,11 +313,17 @@ def table(rows: list[Row]) -> str:
     def ms(v: float | None) -> str:
         return "" if v is None else f"{v * 1e3:.0f}" if v >= 0.1 else f"{v * 1e3:.1f}"  # GPU steps take a few ms
 
-    lines = ["| system | dtype | C | output tok/s | TTFT p50 (ms) | TTFT p99 (ms) | ITL p50 (ms) | ITL p99 (ms) "
-             "| note |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    limits = {(r.dtype, r.concurrency): r.output_tok_s for r in rows if r.system.startswith("limit")}
+
+    def of_limit(r: Row) -> str:  # output tok/s as a share of the limit row of the same dtype and concurrency
+        limit = limits.get((r.dtype, r.concurrency))
+        return "" if limit is None or r.output_tok_s != r.output_tok_s else f"{r.output_tok_s / limit:.2f}x"
+
+    lines = ["| system | dtype | C | output tok/s | of the limit | TTFT p50 (ms) | TTFT p99 (ms) | ITL p50 (ms) "
+             "| ITL p99 (ms) | note |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        lines.append(f"| {r.system} | {r.dtype} | {r.concurrency} | {r.output_tok_s:.1f} | {ms(r.ttft_p50_s)} | "
-                     f"{ms(r.ttft_p99_s)} | {ms(r.itl_p50_s)} | {ms(r.itl_p99_s)} | {r.note} |")
+        lines.append(f"| {r.system} | {r.dtype} | {r.concurrency} | {r.output_tok_s:.1f} | {of_limit(r)} | "
+                     f"{ms(r.ttft_p50_s)} | {ms(r.ttft_p99_s)} | {ms(r.itl_p50_s)} | {ms(r.itl_p99_s)} | {r.note} |")
     return "\n".join(lines)
 
 
