@@ -87,6 +87,11 @@ def test_counting_restarts_from_zero_after_a_warm_up_whatever_mode_made_its_coun
     with torch.inference_mode():
         counter(1, torch.zeros(2, 8), torch.tensor([[0, 1], [1, 3]]), torch.ones(2, 2))
     assert counter.snapshot().tolist() == [[0] * 4, [1, 2, 0, 1]]
+    # The move itself, to the device of the ids ("meta" stands in for a GPU here), makes a plain tensor.
+    with torch.inference_mode():
+        counter(0, torch.zeros(2, 8, device="meta"), torch.zeros(2, 2, dtype=torch.int64, device="meta"),
+                torch.ones(2, 2, device="meta"))
+    assert counter.rows.device.type == "meta" and not counter.rows.is_inference()
 
 
 @pytest.mark.parametrize(("window_s", "answered_s", "seconds"), [
