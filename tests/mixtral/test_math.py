@@ -67,22 +67,33 @@ def test_moe_combine_equals_the_per_token_sum_of_its_experts() -> None:
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
 
 
+HOST_D, HOST_E = 16, 6  # hidden size and experts per layer of `_host_layer`
+
+
+def _host_layer(tokens: int, held: set[int], dtype: torch.dtype, seed: int
+                ) -> tuple[LayerExperts, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A host's share of a random layer: its `held` experts stacked, `tokens` hidden rows, and the top-2
+    routing of those rows, -1 in the slots of the experts other hosts hold -> (experts, hidden, ids, weights)."""
+    g = torch.Generator().manual_seed(seed)
+    f = 24
+    experts = LayerExperts.stack({i: ExpertWeights.from_checkpoint(
+        torch.randn(f, HOST_D, generator=g).to(dtype), torch.randn(HOST_D, f, generator=g).to(dtype),
+        torch.randn(f, HOST_D, generator=g).to(dtype)) for i in sorted(held)})
+    hidden = torch.randn(tokens, HOST_D, generator=g).to(dtype)
+    weights, ids = route(torch.randn(tokens, HOST_E, generator=g), 2)
+    ids = torch.where(torch.isin(ids, torch.tensor(sorted(held))), ids, -1)  # rows of other hosts' experts
+    return experts, hidden, ids, weights
+
+
 @settings(max_examples=40, deadline=None)
 @given(tokens=st.integers(1, 96), held=st.sets(st.integers(0, 5), min_size=1),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
 def test_a_hosts_experts_give_each_tokens_weighted_sum_over_the_experts_it_holds(
         tokens: int, held: set[int], dtype: torch.dtype, seed: int) -> None:
     """A host holding some of a layer's experts (stacked) sees -1 for the others' slots."""
-    g = torch.Generator().manual_seed(seed)
-    d, f, e = 16, 24, 6
-    experts = LayerExperts.stack({i: ExpertWeights.from_checkpoint(
-        torch.randn(f, d, generator=g).to(dtype), torch.randn(d, f, generator=g).to(dtype),
-        torch.randn(f, d, generator=g).to(dtype)) for i in sorted(held)})
-    hidden = torch.randn(tokens, d, generator=g).to(dtype)
-    weights, ids = route(torch.randn(tokens, e, generator=g), 2)
-    ids = torch.where(torch.isin(ids, torch.tensor(sorted(held))), ids, -1)  # rows of other hosts' experts
-    got = moe_combine(hidden, group_by_expert(ids, weights, e), experts)
-    want = torch.zeros(tokens, d)
+    experts, hidden, ids, weights = _host_layer(tokens, held, dtype, seed)
+    got = moe_combine(hidden, group_by_expert(ids, weights, HOST_E), experts)
+    want = torch.zeros(tokens, HOST_D)
     for t, k in torch.nonzero(ids >= 0).tolist():
         want[t] += weights[t, k] * expert_ffn(hidden[t:t + 1].float(), _fp32(experts[int(ids[t, k])]))[0]
     tolerance = 1e-4 if dtype == torch.float32 else 0.05 * float(want.abs().max())
@@ -96,17 +107,10 @@ def test_every_held_expert_on_every_row_gives_the_grouped_weighted_sum(
         tokens: int, held: set[int], dtype: torch.dtype, seed: int) -> None:
     """moe_dense (a GPU's decode-sized batches) computes what the grouped loop does, -1 slots included; it
     rounds the sum once where the loop rounds after each expert."""
-    g = torch.Generator().manual_seed(seed)
-    d, f, e = 16, 24, 6
-    experts = LayerExperts.stack({i: ExpertWeights.from_checkpoint(
-        torch.randn(f, d, generator=g).to(dtype), torch.randn(d, f, generator=g).to(dtype),
-        torch.randn(f, d, generator=g).to(dtype)) for i in sorted(held)})
-    hidden = torch.randn(tokens, d, generator=g).to(dtype)
-    weights, ids = route(torch.randn(tokens, e, generator=g), 2)
-    ids = torch.where(torch.isin(ids, torch.tensor(sorted(held))), ids, -1)  # rows of other hosts' experts
-    got = moe_dense(hidden, ids, weights, experts, e)
-    want = moe_combine(hidden, group_by_expert(ids, weights, e), experts)
-    assert got.dtype == dtype and got.shape == (tokens, d)
+    experts, hidden, ids, weights = _host_layer(tokens, held, dtype, seed)
+    got = moe_dense(hidden, ids, weights, experts, HOST_E)
+    want = moe_combine(hidden, group_by_expert(ids, weights, HOST_E), experts)
+    assert got.dtype == dtype and got.shape == (tokens, HOST_D)
     assert bool((got[(ids < 0).all(1)] == 0).all())  # a row none of whose experts are held gets nothing
     spacing = 0 if dtype == torch.float32 else 2 * float(want.abs().max()) * 2**-8  # two bf16 steps
     torch.testing.assert_close(got.float(), want.float(), atol=1e-4 + spacing, rtol=1e-4)
