@@ -5,10 +5,15 @@ Hosts are placed through a placement group (one bundle per host, PACK or SPREAD 
 restarted by Ray after a crash (`max_restarts`); a restarted host listens on a new port, which the
 next table refresh publishes under a new version. Everything it returns is plain JSON text or
 JSON-able data: no project objects travel through Ray.
+
+Several routers may use one controller and its hosts (router replicas, or a router restarted after a
+crash while the hosts it started kept running). Each holds a lease it renews (`attach`); a router that
+leaves calls `detach`, and the hosts stop with the last router that holds a live lease.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -27,6 +32,8 @@ from mixtral.config import DTYPES, ModelConfig
 
 log = logging.getLogger(__name__)
 
+RESTART_LEASE_GRACE_S = 60.0  # after a restart, longer than any router's lease (cluster.deploy.ROUTER_LEASE_S)
+
 
 class Controller:
     """Creates and watches the hosts of one placement plan."""
@@ -38,6 +45,14 @@ class Controller:
         self.expert_bytes = ModelConfig.from_json(Path(model_dir) / "config.json").expert_num_params * \
             DTYPES[dtype].itemsize
         self.resources = HostResources(**resources)
+        # What a router must agree with to use these hosts (see settings())
+        self._settings = {"model_dir": model_dir, "dtype": dtype, "max_message_bytes": max_message_bytes,
+                          "tls_files": tls_files or None}
+        self._routers: dict[str, float] = {}  # router id -> time.monotonic() at which its lease ends
+        self._leaving = False  # the last router has detached: the hosts are stopping
+        self._hosts_down = threading.Event()  # set once shutdown() has stopped them
+        self._adopted_at: float | None = None  # a restart knows no leases: see retire_if_unused
+        self._watching = False
         self.version = 0
         self.endpoints: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -61,9 +76,27 @@ class Controller:
         }
         if adopted:
             log.warning("controller restarted: adopting the %d hosts of %s", len(self.hosts), name)
+            self._adopted_at = time.monotonic()
             self._adopt_placement()
             self._probe()
             self._start_watch()
+
+    def retire_if_unused(self, grace_s: float = 1.0) -> bool:
+        """Stop every host if no router holds a live lease (hosts a router left when it died); True if stopped.
+
+        A controller that Ray restarted knows no leases: it counts as in use for RESTART_LEASE_GRACE_S,
+        while its routers' renewals come in again.
+        """
+        now = time.monotonic()
+        with self._lock:
+            in_use = any(end > now for end in self._routers.values()) or (
+                self._adopted_at is not None and now - self._adopted_at < RESTART_LEASE_GRACE_S)
+            if in_use and not self._leaving:
+                return False
+            first = not self._leaving
+            self._leaving = True
+        self._stop_hosts_once(first, grace_s)
+        return True
 
     def _bundles(self) -> list[dict[str, float]]:
         bundle = {"CPU": self.resources.num_cpus}
@@ -90,7 +123,55 @@ class Controller:
         return self._table_json()
 
     def _start_watch(self) -> None:
+        with self._lock:
+            if self._watching:  # a second router's wait_ready, or a restarted controller's adoption
+                return
+            self._watching = True
         threading.Thread(target=self._watch, name="host-health", daemon=True).start()
+
+    def settings(self) -> str:
+        """JSON of what these hosts serve: model_dir, dtype, max_message_bytes and tls_files (which a router
+        must share to use them), and the initial plan and host resources (which the running hosts keep)."""
+        return json.dumps({**self._settings, "plan": self.initial_plan.to_json(),
+                           "resources": dataclasses.asdict(self.resources)})
+
+    def attach(self, router_id: str, lease_s: float) -> int:
+        """Start or renew a router's lease on these hosts; returns the routers holding a live lease.
+
+        Raises RuntimeError once the last router has detached (the hosts are stopping): a router that
+        arrives then starts a new controller when this one is gone.
+        """
+        now = time.monotonic()
+        with self._lock:
+            if self._leaving:
+                raise RuntimeError("the expert hosts are stopping: their last router left")
+            self._routers[router_id] = now + lease_s
+            return sum(1 for end in self._routers.values() if end > now)
+
+    def detach(self, router_id: str, grace_s: float = 1.0) -> int:
+        """A router leaves: returns how many other routers hold a live lease. With none, every host is
+        stopped (after `grace_s` for calls in flight) before this returns 0, and attach refuses from then on.
+
+        A router that died without detaching holds its lease until it runs out, so the hosts outlive it
+        by up to one lease: a restarted router finds them running and attaches.
+        """
+        now = time.monotonic()
+        with self._lock:
+            self._routers.pop(router_id, None)
+            others = sum(1 for end in self._routers.values() if end > now)
+            if others and not self._leaving:
+                return others
+            first = not self._leaving
+            self._leaving = True
+        self._stop_hosts_once(first, grace_s)
+        return 0
+
+    def _stop_hosts_once(self, first: bool, grace_s: float) -> None:
+        """The first caller to find the hosts unused stops them; a later one waits until they are stopped."""
+        if first:
+            self.shutdown(grace_s)
+        else:
+            self._hosts_down.wait(timeout=120)
 
     def is_serving(self) -> bool:
         """True while every (layer, expert) of the plan has at least one live host."""
@@ -169,13 +250,16 @@ class Controller:
     def shutdown(self, grace_s: float = 1.0) -> None:
         """Stop every host (after `grace_s` for calls in flight) and release the placement group."""
         self._stopped.set()
-        for handle in self.hosts.values():
-            try:
-                ray.get(handle.stop.remote(grace_s), timeout=grace_s + 5)
-            except Exception:  # a host that is already gone needs no stopping
-                log.info("host already stopped")
-            ray.kill(handle, no_restart=True)
-        remove_placement_group(self.group)
+        try:
+            for handle in self.hosts.values():
+                try:
+                    ray.get(handle.stop.remote(grace_s), timeout=grace_s + 5)
+                except Exception:  # a host that is already gone needs no stopping
+                    log.info("host already stopped")
+                ray.kill(handle, no_restart=True)
+            remove_placement_group(self.group)
+        finally:
+            self._hosts_down.set()
 
     def _watch(self) -> None:
         """Re-probe the hosts periodically, so a restarted host is published without a router asking."""

@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
+import threading
+import time
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -27,6 +31,8 @@ from router.engine import Engine, EngineConfig
 from router.kv_cache import CacheConfig, KVCache
 
 log = logging.getLogger(__name__)
+
+ROUTER_LEASE_S = 15.0  # default of ClusterConfig.router_lease_s (see Controller.detach)
 
 
 def _ray() -> ModuleType:
@@ -117,6 +123,9 @@ class ClusterConfig:
     dispatch_tls: tuple[Path, Path, Path] | None = None  # (cert, key, CA) PEM paths, the same on every node
     name: str = "moe-controller"  # the controller actor's name in the Ray namespace
     namespace: str = "moe-cluster"
+    # How long this router's claim on the hosts lasts unrenewed (renewed every third of it): if it dies
+    # without leaving, its hosts outlive it by up to this long before another router may stop them.
+    router_lease_s: float = ROUTER_LEASE_S
 
     def __post_init__(self) -> None:
         check_dtype(self.dtype)
@@ -124,6 +133,8 @@ class ClusterConfig:
             check_device(self.device)
         if self.num_hosts < 1:
             raise ValueError(f"num_hosts={self.num_hosts} must be at least 1")
+        if not self.router_lease_s > 0:
+            raise ValueError(f"router_lease_s={self.router_lease_s} must be a positive number of seconds")
 
     @property
     def resolved_device(self) -> str:
@@ -148,8 +159,14 @@ class ExpertCluster:
         self.cfg = cfg
         plan = self._plan(model_config)
         self._table: RoutingTable | None = None
+        self.router_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._leaving = threading.Event()
         self._started_ray = connect_ray(cfg.ray_address, cfg.namespace)
-        self.controller = self._start_controller(plan)
+        try:
+            self.controller = self._attach_controller(plan)
+        except BaseException:
+            self._disconnect()
+            raise
         try:
             _ray().get(self.controller.wait_ready.remote())
         except _ray().exceptions.RayTaskError as err:
@@ -158,21 +175,82 @@ class ExpertCluster:
         except Exception:
             self.close()
             raise
+        threading.Thread(target=self._renew_lease, name="router-lease", daemon=True).start()
         dispatch = cfg.dispatch
         if cfg.dispatch_tls is not None:
             dispatch = replace(dispatch, tls=DispatchTls.from_files(*cfg.dispatch_tls))
         self.backend = RemoteExperts(self._fetch_table, model_config.num_local_experts, dispatch)
 
+    def _attach_controller(self, plan: PlacementPlan) -> Any:
+        """The controller of `cfg.name`, started with `plan` unless one runs already, with this router's lease.
+
+        A running controller (another router replica's, or one a router left when it died) is used when it
+        serves the same model, dtype, message limit and dispatch TLS files; its hosts keep their placement.
+        One that serves something else is stopped and replaced when no router holds a lease on it (a dead
+        router's leftover); while one does, ClusterStartError names what differs and the hosts are left alone.
+        """
+        cfg = self.cfg
+        give_up_at = time.monotonic() + cfg.hosts.ready_timeout_s
+        while True:
+            controller = self._start_controller(plan)
+            try:
+                running = json.loads(_ray().get(controller.settings.remote(), timeout=60))
+                differ = self._differences(running)
+                if differ and _ray().get(controller.retire_if_unused.remote(), timeout=120):
+                    log.warning("controller %r was left running by a router that did not stop, for another "
+                                "configuration (%s): stopped its hosts; starting this router's", cfg.name, differ)
+                    _ray().kill(controller, no_restart=True)
+                    continue
+                if differ:
+                    raise ClusterStartError(
+                        f"controller {cfg.name!r} in Ray namespace {cfg.namespace!r} runs expert hosts for another "
+                        f"router configuration ({differ}) and a router still uses them: stop that router first "
+                        f"(the hosts stop with the last router that leaves)")
+                others = _ray().get(controller.attach.remote(self.router_id, cfg.router_lease_s), timeout=60) - 1
+            except (_ray().exceptions.RayTaskError, _ray().exceptions.RayActorError):
+                # its last router is stopping it, or it is gone: try again once it is
+                if time.monotonic() > give_up_at:
+                    raise ClusterStartError(f"the controller {cfg.name!r} was stopping and did not go away "
+                                            f"within {cfg.hosts.ready_timeout_s:.0f} s") from None
+                time.sleep(0.5)
+                continue
+            if others:
+                log.warning("controller %r is in use by %d other router(s): serving on its running hosts",
+                            cfg.name, others)
+            if running["plan"] != plan.to_json() or running["resources"] != asdict(cfg.hosts):
+                log.warning("controller %r runs hosts of another plan or size than this router asks for: serving "
+                            "on them as they are (`moe-cluster rebalance` moves experts)", cfg.name)
+            return controller
+
+    def _differences(self, running: dict[str, Any]) -> str:
+        """What a running controller serves differently from what this router was started for ("": nothing)."""
+        cfg = self.cfg
+        mine = {"model_dir": str(cfg.model_dir), "dtype": cfg.resolved_dtype,
+                "max_message_bytes": cfg.dispatch.max_message_bytes,
+                "tls_files": [str(p) for p in cfg.dispatch_tls] if cfg.dispatch_tls else None}
+        return "; ".join(f"{key} {running[key]!r}, this router {value!r}" for key, value in mine.items()
+                         if running[key] != value)
+
+    def _renew_lease(self) -> None:
+        """Renew this router's lease every third of it until close(); a failed renewal is retried."""
+        lease = self.cfg.router_lease_s
+        while not self._leaving.wait(lease / 3):
+            try:
+                _ray().get(self.controller.attach.remote(self.router_id, lease), timeout=lease / 3)
+            except Exception as err:  # the controller is restarting or unreachable: the next round retries
+                log.warning("could not renew this router's lease on the expert hosts (%s)", type(err).__name__)
+
     def _start_controller(self, plan: PlacementPlan) -> Any:
-        """The controller actor (a handle); it starts creating the plan's hosts at once."""
+        """The controller actor (a handle): the running one of cfg.name, or a new one, which starts creating
+        the plan's hosts at once."""
         from cluster.controller import Controller
 
         cfg = self.cfg
         # On the head node (whose loss ends the cluster anyway), restarted by Ray if its process dies;
         # calls made while it restarts are retried rather than failed.
         remote_controller = _ray().remote(Controller).options(
-            name=cfg.name, namespace=cfg.namespace, lifetime="detached", num_cpus=0, max_concurrency=8,
-            max_restarts=-1, max_task_retries=-1, resources={"node:__internal_head__": 0.001})
+            name=cfg.name, namespace=cfg.namespace, lifetime="detached", get_if_exists=True, num_cpus=0,
+            max_concurrency=8, max_restarts=-1, max_task_retries=-1, resources={"node:__internal_head__": 0.001})
         tls_files = [str(p) for p in cfg.dispatch_tls] if cfg.dispatch_tls else None
         return remote_controller.remote(cfg.name, plan.to_json(), str(cfg.model_dir), cfg.resolved_dtype,
                                         asdict(cfg.hosts), cfg.dispatch.max_message_bytes, tls_files)
@@ -230,16 +308,26 @@ class ExpertCluster:
             return False
 
     def close(self) -> None:
-        """Stop the hosts and the controller; shut Ray down if this cluster started it."""
+        """Leave the hosts: the last router that leaves stops them and the controller. Shut Ray down if this
+        cluster started it. A second call does nothing."""
+        if self._leaving.is_set():
+            return
+        self._leaving.set()
         backend = getattr(self, "backend", None)
         if backend is not None:
             backend.close()
         try:
-            _ray().get(self.controller.shutdown.remote(), timeout=60)
+            others = _ray().get(self.controller.detach.remote(self.router_id), timeout=60)
+            if others:
+                log.info("%d other router(s) use the expert hosts of %r: leaving them running", others, self.cfg.name)
+            else:
+                _ray().kill(self.controller, no_restart=True)
         finally:
-            _ray().kill(self.controller, no_restart=True)
-            if self._started_ray:
-                _ray().shutdown()
+            self._disconnect()
+
+    def _disconnect(self) -> None:
+        if self._started_ray:
+            _ray().shutdown()
 
     def __enter__(self) -> ExpertCluster:
         return self
