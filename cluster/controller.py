@@ -130,8 +130,8 @@ class Controller:
         threading.Thread(target=self._watch, name="host-health", daemon=True).start()
 
     def settings(self) -> str:
-        """JSON of what these hosts serve: model_dir, dtype, max_message_bytes and tls_files (which a router
-        must share to use them), and the initial plan and host resources (which the running hosts keep)."""
+        """JSON of what these hosts were started for, which a router must share to use them: model_dir, dtype,
+        max_message_bytes, tls_files, the host resources and the initial plan (a re-placement since is kept)."""
         return json.dumps({**self._settings, "plan": self.initial_plan.to_json(),
                            "resources": dataclasses.asdict(self.resources)})
 

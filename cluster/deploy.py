@@ -185,7 +185,7 @@ class ExpertCluster:
         """The controller of `cfg.name`, started with `plan` unless one runs already, with this router's lease.
 
         A running controller (another router replica's, or one a router left when it died) is used when it
-        serves the same model, dtype, message limit and dispatch TLS files; its hosts keep their placement.
+        serves the same model, dtype, message limit, dispatch TLS files, host resources and initial plan.
         One that serves something else is stopped and replaced when no router holds a lease on it (a dead
         router's leftover); while one does, ClusterStartError names what differs and the hosts are left alone.
         """
@@ -195,7 +195,7 @@ class ExpertCluster:
             controller = self._start_controller(plan)
             try:
                 running = json.loads(_ray().get(controller.settings.remote(), timeout=60))
-                differ = self._differences(running)
+                differ = self._differences(running, plan)
                 if differ and _ray().get(controller.retire_if_unused.remote(), timeout=120):
                     log.warning("controller %r was left running by a router that did not stop, for another "
                                 "configuration (%s): stopped its hosts; starting this router's", cfg.name, differ)
@@ -217,19 +217,25 @@ class ExpertCluster:
             if others:
                 log.warning("controller %r is in use by %d other router(s): serving on its running hosts",
                             cfg.name, others)
-            if running["plan"] != plan.to_json() or running["resources"] != asdict(cfg.hosts):
-                log.warning("controller %r runs hosts of another plan or size than this router asks for: serving "
-                            "on them as they are (`moe-cluster rebalance` moves experts)", cfg.name)
             return controller
 
-    def _differences(self, running: dict[str, Any]) -> str:
-        """What a running controller serves differently from what this router was started for ("": nothing)."""
+    def _differences(self, running: dict[str, Any], plan: PlacementPlan) -> str:
+        """What a running controller serves differently from what this router was started for ("": nothing).
+
+        The plan compared is the one the controller started with: a live re-placement since then is its own.
+        """
         cfg = self.cfg
         mine = {"model_dir": str(cfg.model_dir), "dtype": cfg.resolved_dtype,
                 "max_message_bytes": cfg.dispatch.max_message_bytes,
-                "tls_files": [str(p) for p in cfg.dispatch_tls] if cfg.dispatch_tls else None}
-        return "; ".join(f"{key} {running[key]!r}, this router {value!r}" for key, value in mine.items()
-                         if running[key] != value)
+                "tls_files": [str(p) for p in cfg.dispatch_tls] if cfg.dispatch_tls else None,
+                "resources": asdict(cfg.hosts)}
+        differ = [f"{key} {running[key]!r}, this router {value!r}" for key, value in mine.items()
+                  if running[key] != value]
+        if running["plan"] != plan.to_json():
+            theirs = PlacementPlan.from_json(running["plan"])
+            differ.append(f"a placement plan of {len(theirs.hosts)} hosts, this router's of {len(plan.hosts)}"
+                          if len(theirs.hosts) != len(plan.hosts) else "another placement plan")
+        return "; ".join(differ)
 
     def _renew_lease(self) -> None:
         """Renew this router's lease every third of it until close(); a failed renewal is retried."""

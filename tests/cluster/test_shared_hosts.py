@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ray
@@ -46,8 +47,9 @@ def generate(model: Mixtral) -> list[list[int]]:
     return [c.token_ids for c in engine.generate(PROMPTS, [GREEDY] * len(PROMPTS))]
 
 
-def config(model_dir: Path, name: str, dtype: str = "float32", lease_s: float = 15.0) -> ClusterConfig:
-    return ClusterConfig(model_dir, num_hosts=2, dtype=dtype, device="cpu", hosts=HostResources(num_cpus=1),
+def config(model_dir: Path, name: str, dtype: str = "float32", lease_s: float = 15.0, hosts: int = 2
+           ) -> ClusterConfig:
+    return ClusterConfig(model_dir, num_hosts=hosts, dtype=dtype, device="cpu", hosts=HostResources(num_cpus=1),
                          name=f"shared-{name}", namespace=NAMESPACE, router_lease_s=lease_s)
 
 
@@ -150,18 +152,24 @@ def test_hosts_a_dead_router_left_for_another_dtype_are_replaced(
     assert_gone(stale)
 
 
-def test_a_router_for_another_dtype_is_refused_while_a_router_uses_the_hosts(
-        ray_cluster: RayNodes, tiny_checkpoint: Path, expected: list[list[int]]) -> None:
-    model, cluster = load_cluster_model(config(tiny_checkpoint, "dtype"))
+@pytest.mark.parametrize(("change", "named"), [
+    ({"dtype": "bfloat16"}, "dtype 'float32', this router 'bfloat16'"),
+    ({"hosts": 1}, "a placement plan of 2 hosts, this router's of 1")])
+def test_a_router_started_for_other_hosts_is_refused_while_a_router_uses_them(
+        ray_cluster: RayNodes, tiny_checkpoint: Path, expected: list[list[int]], change: dict[str, Any],
+        named: str) -> None:
+    model, cluster = load_cluster_model(config(tiny_checkpoint, "other"))
     try:
+        pids = host_pids(cluster)
         with pytest.raises(ClusterStartError) as refused:
-            load_cluster_model(config(tiny_checkpoint, "dtype", dtype="bfloat16"))
-        assert "dtype 'float32', this router 'bfloat16'" in str(refused.value)
+            load_cluster_model(config(tiny_checkpoint, "other", **change))
+        assert named in str(refused.value)
         assert "a router still uses them" in str(refused.value)
-        assert generate(model) == expected  # the running router's hosts were left alone
+        assert host_pids(cluster) == pids  # the running router's hosts were left alone
+        assert generate(model) == expected
     finally:
         cluster.close()
-    assert not controller_exists("dtype")
+    assert not controller_exists("other")
 
 
 def assert_gone(pids: set[int], bound_s: float = 30.0) -> None:
