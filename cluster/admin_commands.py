@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 from collections.abc import Callable
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import grpc
 
 from cluster.arguments import number, positive_float, positive_int
 from cluster.client import ClientConfig, open_channel
-from cluster.deploy import ClusterConfig, connect_ray, rebalance_controller
+from cluster.deploy import CLUSTER_DEFAULTS, connect_ray, rebalance_controller
 from cluster.load import ExpertLoad
 from cluster.placement import PlacementPlan
 from protos import admin_pb2, admin_pb2_grpc
@@ -35,7 +34,6 @@ DEFAULT_WINDOW_S = 300.0
 # The caller's mistake (or a plan the hosts cannot take): exit 2, like other bad input.
 USER_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
               grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.OUT_OF_RANGE)
-CLUSTER_DEFAULTS = {f.name: f.default for f in fields(ClusterConfig)}
 
 
 def add_admin_commands(commands: argparse._SubParsersAction[Any], show: Show, note: Show) -> None:

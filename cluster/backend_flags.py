@@ -8,6 +8,7 @@ from pathlib import Path
 
 from cluster.arguments import Parser, positive_int
 from cluster.deploy import (
+    CLUSTER_DEFAULTS,
     ClusterConfig,
     ExpertCluster,
     ExpertsWrapper,
@@ -41,6 +42,10 @@ def add_cluster_flags(p: Parser) -> None:
                        "on every node (the host certificate needs the DNS name moe-expert-host)")
     group.add_argument("--restart-wait", type=float, default=30.0, metavar="SECONDS",
                        help="how long a layer waits for a restarted host when no replica of an expert answers")
+    group.add_argument("--controller", default=CLUSTER_DEFAULTS["name"], metavar="NAME",
+                       help="the controller actor's name: routers started with the same name (and namespace) on "
+                       "one Ray cluster share its expert hosts")
+    group.add_argument("--namespace", default=CLUSTER_DEFAULTS["namespace"], help="the controller's Ray namespace")
 
 
 def load_model(args: argparse.Namespace, model_dir: Path, wrap: ExpertsWrapper | None = None
@@ -53,5 +58,6 @@ def load_model(args: argparse.Namespace, model_dir: Path, wrap: ExpertsWrapper |
                         host_memory_bytes=args.host_memory, ray_address=args.ray_address, dtype=args.dtype,
                         device=args.device, hosts=hosts,
                         dispatch_tls=tuple(args.expert_tls) if args.expert_tls else None,
-                        dispatch=DispatchConfig(restart_wait_s=args.restart_wait))
+                        dispatch=DispatchConfig(restart_wait_s=args.restart_wait), name=args.controller,
+                        namespace=args.namespace)
     return load_cluster_model(cfg, wrap)

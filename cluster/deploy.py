@@ -10,7 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -146,6 +146,9 @@ class ClusterConfig:
             return self.dtype
         uses_gpu = self.hosts.num_gpus > 0 or self.resolved_device.startswith("cuda")
         return "bfloat16" if uses_gpu else "float32"
+
+
+CLUSTER_DEFAULTS = {f.name: f.default for f in fields(ClusterConfig)}  # the command lines' defaults
 
 
 class ClusterStartError(RuntimeError):

@@ -8,6 +8,7 @@ process or, for the router that dies, in a process of its own that is SIGKILLed.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -170,6 +171,28 @@ def test_a_router_started_for_other_hosts_is_refused_while_a_router_uses_them(
     finally:
         cluster.close()
     assert not controller_exists("other")
+
+
+def test_the_command_line_serves_on_the_hosts_of_the_controller_it_names(
+        ray_cluster: RayNodes, tiny_checkpoint: Path, expected: list[list[int]]) -> None:
+    # `--controller` and `--namespace` pick the hosts; the command leaves them to the router still using them.
+    model, cluster = load_cluster_model(config(tiny_checkpoint, "cli"))
+    try:
+        pids = host_pids(cluster)
+        command = subprocess.run(
+            [sys.executable, "-m", "cluster.cli", "generate", "--model", str(tiny_checkpoint), "--token-ids",
+             ",".join(map(str, PROMPTS[0])), "--max-new-tokens", str(GREEDY.max_new_tokens), "--temperature", "0",
+             "--ignore-eos", "--dtype", "float32", "--json", "--backend", "cluster", "--ray-address",
+             ray_cluster.address, "--controller", "shared-cli", "--namespace", NAMESPACE],
+            cwd=Path(__file__).resolve().parents[2], env={**os.environ, "OMP_NUM_THREADS": "1"},
+            capture_output=True, text=True, timeout=300)
+        assert command.returncode == 0, command.stderr
+        assert json.loads(command.stdout)["token_ids"] == expected[0]
+        assert host_pids(cluster) == pids  # it started no hosts of its own, and stopped none of these
+        assert generate(model) == expected
+    finally:
+        cluster.close()
+    assert not controller_exists("cli")
 
 
 def assert_gone(pids: set[int], bound_s: float = 30.0) -> None:
