@@ -32,6 +32,10 @@ from mixtral.config import DTYPES, ModelConfig
 
 log = logging.getLogger(__name__)
 
+class ControllerStopping(RuntimeError):
+    """attach() on a controller whose last router has left: its hosts are stopping."""
+
+
 RESTART_LEASE_GRACE_S = 60.0  # after a restart, longer than any router's lease (cluster.deploy.ROUTER_LEASE_S)
 
 
@@ -138,13 +142,13 @@ class Controller:
     def attach(self, router_id: str, lease_s: float) -> int:
         """Start or renew a router's lease on these hosts; returns the routers holding a live lease.
 
-        Raises RuntimeError once the last router has detached (the hosts are stopping): a router that
-        arrives then starts a new controller when this one is gone.
+        Raises ControllerStopping once the last router has detached (the hosts are stopping): a router
+        that arrives then starts a new controller when this one is gone.
         """
         now = time.monotonic()
         with self._lock:
             if self._leaving:
-                raise RuntimeError("the expert hosts are stopping: their last router left")
+                raise ControllerStopping("the expert hosts are stopping: their last router left")
             self._routers[router_id] = now + lease_s
             return sum(1 for end in self._routers.values() if end > now)
 

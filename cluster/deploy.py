@@ -192,6 +192,8 @@ class ExpertCluster:
         One that serves something else is stopped and replaced when no router holds a lease on it (a dead
         router's leftover); while one does, ClusterStartError names what differs and the hosts are left alone.
         """
+        from cluster.controller import ControllerStopping
+
         cfg = self.cfg
         give_up_at = time.monotonic() + cfg.hosts.ready_timeout_s
         while True:
@@ -210,11 +212,13 @@ class ExpertCluster:
                         f"router configuration ({differ}) and a router still uses them: stop that router first "
                         f"(the hosts stop with the last router that leaves)")
                 others = _ray().get(controller.attach.remote(self.router_id, cfg.router_lease_s), timeout=60) - 1
-            except (_ray().exceptions.RayTaskError, _ray().exceptions.RayActorError):
-                # its last router is stopping it, or it is gone: try again once it is
+            except (_ray().exceptions.RayTaskError, _ray().exceptions.RayActorError) as err:
+                # Its last router is stopping it, or it was killed and its name is not free yet: try again.
+                if isinstance(err, _ray().exceptions.RayTaskError) and not isinstance(err.cause, ControllerStopping):
+                    raise
                 if time.monotonic() > give_up_at:
-                    raise ClusterStartError(f"the controller {cfg.name!r} was stopping and did not go away "
-                                            f"within {cfg.hosts.ready_timeout_s:.0f} s") from None
+                    raise ClusterStartError(f"the controller {cfg.name!r} did not start within "
+                                            f"{cfg.hosts.ready_timeout_s:.0f} s: {err}") from None
                 time.sleep(0.5)
                 continue
             if others:
