@@ -162,6 +162,16 @@ def test_renders_an_hpa_instead_of_fixed_replicas_when_autoscaling_is_enabled(re
     assert by_kind(render("defaults"), "HorizontalPodAutoscaler") == []
 
 
+@pytest.mark.parametrize("strategy", ["RollingUpdate", "Recreate"])
+def test_rolls_the_router_out_by_the_update_strategy_given(render: Render, values_file: ValuesFile,
+                                                             strategy: str) -> None:
+    # RollingUpdate: new router pods serve on the running expert hosts before the old ones stop.
+    # Recreate: the old ones stop first (and the hosts with the last of them), for an upgrade of the hosts.
+    router = one(render("defaults", "-f", values_file({"router": {"updateStrategy": strategy}})), "Deployment",
+                 "router")
+    assert router["spec"]["strategy"] == {"type": strategy}
+
+
 def test_renders_a_service_monitor_for_the_metrics_port_when_enabled(render: Render) -> None:
     manifests = render("private-registry-digests")
     monitor = one(manifests, "ServiceMonitor")
