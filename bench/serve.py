@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/serve.py --model models/mini [--quick] [--dtype float32 bfloat16] [--device cuda]
         [--concurrency 1 8 32] [--systems limit moe-local moe-cluster transformers vllm llama.cpp]
+        [--served-runs 3]
 
 Workload: C clients at once, each a 128-token prompt (random ids of the real vocabulary) and 128
 new tokens, greedy, EOS ignored. Output tokens/s = C * new tokens / wall time of the whole run
@@ -10,8 +11,9 @@ new tokens, greedy, EOS ignored. Output tokens/s = C * new tokens / wall time of
                  projections, the gate, each expert on the rows it receives, the LM head on the
                  last prompt position in prefill and on every row in decode), timed with torch here,
                  before and again after the moe-cluster rows; the row is the faster sitting
-  moe-local      `moe-cluster serve --backend local`, C concurrent streaming gRPC clients
-  moe-cluster    `moe-cluster serve --backend cluster --hosts 2` (local Ray, 2 expert hosts)
+  moe-local      `moe-cluster serve --backend local`, C concurrent streaming gRPC clients; the median of
+                 --served-runs runs (3; --quick 1) on one server, the note giving their spread
+  moe-cluster    `moe-cluster serve --backend cluster --hosts 2` (local Ray, 2 expert hosts), likewise
   transformers   HF `generate` on the same checkpoint and prompts, batched
   vllm           vLLM's CPU build, offline `LLM.generate`, in its own venv: set VLLM_PYTHON=<venv>/bin/python
   llama.cpp      its `llama-batched-bench` tool (own random prompts of the same shape, decode-only speed in the
@@ -103,17 +105,26 @@ def limit_row(model_dir: Path, dtype: str, concurrency: int, prompt_len: int, ne
 # --- moe-cluster over gRPC ---------------------------------------------------------------------------
 
 
-def moe_row(system: str, model_dir: Path, dtype: str, work: Workload, extra: list[str]) -> Row:
+def moe_row(system: str, model_dir: Path, dtype: str, work: Workload, extra: list[str], runs: int) -> Row:
+    """`runs` runs of the workload on one server after a warm-up request; the row is the median run (by wall
+    time), its note the spread: one run on this machine moves by up to 15-25% with the machine's phase."""
     concurrency = len(work.prompts)
     server = start_server(model_dir, dtype, concurrency, work, extra)
     try:
         port = server[1]
         run_clients(port, work.prompts[:1], 4)  # warm-up: channels, kernels, allocator
-        ttfts, itls, wall = run_clients(port, work.prompts, work.new_tokens)
+        results = []
+        for i in range(runs):
+            results.append(run_clients(port, work.prompts, work.new_tokens))
+            if runs > 1:
+                log(f"  run {i + 1} of {runs}: {concurrency * work.new_tokens / results[-1][2]:.1f} output tok/s")
     finally:
         stop_server(server[0])
+    ttfts, itls, wall = sorted(results, key=lambda result: result[2])[runs // 2]
+    rates = sorted(concurrency * work.new_tokens / result[2] for result in results)
+    note = f"median of {runs} runs on one server ({rates[0]:.1f}-{rates[-1]:.1f})" if runs > 1 else ""
     return Row(system, dtype, concurrency, concurrency * work.new_tokens / wall, percentile(ttfts, 0.5),
-               percentile(ttfts, 0.99), percentile(itls, 0.5), percentile(itls, 0.99))
+               percentile(ttfts, 0.99), percentile(itls, 0.5), percentile(itls, 0.99), note=note)
 
 
 def start_server(model_dir: Path, dtype: str, concurrency: int, work: Workload, extra: list[str]
@@ -293,11 +304,13 @@ def run_system(system: str, args: argparse.Namespace, dtype: str, work: Workload
                          args.device)
     device = ["--device", args.device]
     if system == "moe-local":
-        return moe_row("moe-cluster local", args.model, dtype, work, ["--backend", "local", *device])
+        return moe_row("moe-cluster local", args.model, dtype, work, ["--backend", "local", *device],
+                       args.served_runs)
     if system == "moe-cluster":
         gpus = ["--gpus-per-host", "0.5"] if args.device != "cpu" else []  # the two hosts share the one GPU
         return moe_row("moe-cluster cluster (2 hosts)", args.model, dtype, work,
-                       ["--backend", "cluster", "--hosts", "2", "--cpus-per-host", "1", *gpus, *device])
+                       ["--backend", "cluster", "--hosts", "2", "--cpus-per-host", "1", *gpus, *device],
+                       args.served_runs)
     if system == "transformers":
         return transformers_row(args.model, dtype, work, args.device)
     if system in ("vllm", "llama.cpp") and args.device != "cpu":
@@ -364,12 +377,17 @@ def main() -> None:
     parser.add_argument("--systems", nargs="+",
                         default=["limit", "moe-local", "moe-cluster", "transformers", "vllm", "llama.cpp"])
     parser.add_argument("--device", default="cpu", help="cpu, or cuda: every system but the CPU-only peers on the GPU")
+    parser.add_argument("--served-runs", type=int, default=None,
+                        help="runs of the workload per moe-cluster server, the median reported (default 3; --quick 1)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serve")
     args = parser.parse_args()
     if args.new_tokens < 2 or args.prompt_len < 1 or min(args.concurrency) < 1:
         parser.error("--new-tokens must be at least 2 (one decode step), --prompt-len and --concurrency at least 1")
     if args.quick:
         args.concurrency, args.new_tokens = [1, 8], 32
+    args.served_runs = args.served_runs or (1 if args.quick else 3)
+    if args.served_runs < 1:
+        parser.error("--served-runs must be at least 1")
     if args.device not in ("cpu", "cuda"):
         parser.error(f"--device {args.device}: use cpu or cuda")
     if args.device == "cuda" and not torch.cuda.is_available():
