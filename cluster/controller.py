@@ -152,13 +152,17 @@ class Controller:
             self._routers[router_id] = now + lease_s
             return sum(1 for end in self._routers.values() if end > now)
 
-    def detach(self, router_id: str, grace_s: float = 1.0) -> int:
+    def detach(self, router_id: str, lease_s: float, grace_s: float = 1.0) -> int:
         """A router leaves: returns how many other routers hold a live lease. With none, every host is
         stopped (after `grace_s` for calls in flight) before this returns 0, and attach refuses from then on.
 
         A router that died without detaching holds its lease until it runs out, so the hosts outlive it
-        by up to one lease: a restarted router finds them running and attaches.
+        by up to one lease: a restarted router finds them running and attaches. A controller that Ray
+        restarted first waits for a round of renewals (every third of `lease_s`, the leaving router's
+        lease), so routers it has not heard from yet count.
         """
+        if self._adopted_at is not None:
+            time.sleep(max(0.0, self._adopted_at + lease_s / 3 + 1.0 - time.monotonic()))
         now = time.monotonic()
         with self._lock:
             self._routers.pop(router_id, None)

@@ -330,7 +330,7 @@ class ExpertCluster:
         if backend is not None:
             backend.close()
         try:
-            others = _ray().get(self.controller.detach.remote(self.router_id), timeout=60)
+            others = _ray().get(self.controller.detach.remote(self.router_id, self.cfg.router_lease_s), timeout=60)
             if others:
                 log.info("%d other router(s) use the expert hosts of %r: leaving them running", others, self.cfg.name)
             else:
