@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ pytestmark = pytest.mark.slow
 
 PROMPTS = [[1, 415, 5565, 302, 4843, 349, 5465, 28725, 304, 272, 5565], [1, 22557, 28808], [1, 330, 2033, 349, 264]]
 GREEDY = SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eos=True)
+START_BOUND_S = 180.0  # for a router process to come up: a liveness guard, not a speed claim
 
 
 def generate(model: Mixtral) -> list[list[int]]:
@@ -110,10 +112,13 @@ def router_that_dies(ray_cluster: RayNodes, model_dir: Path, name: str, dtype: s
               f"import time\ntime.sleep(3600)\n")
     router = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    guard = threading.Timer(START_BOUND_S, router.kill)  # liveness guard: never wait forever for it to start
+    guard.start()
     try:
         assert router.stdout is not None
         pids = {int(pid) for pid in router.stdout.readline().split()}  # empty if it did not start
     finally:
+        guard.cancel()
         os.kill(router.pid, signal.SIGKILL)
         router.wait()
     assert len(pids) == 2, "the router that dies did not start"
