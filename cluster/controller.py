@@ -93,7 +93,7 @@ class Controller:
         """
         now = time.monotonic()
         with self._lock:
-            in_use = any(end > now for end in self._routers.values()) or (
+            in_use = self._live_routers(now) > 0 or (
                 self._adopted_at is not None and now - self._adopted_at < RESTART_LEASE_GRACE_S)
             if in_use and not self._leaving:
                 return False
@@ -150,7 +150,7 @@ class Controller:
             if self._leaving:
                 raise ControllerStopping("the expert hosts are stopping: their last router left")
             self._routers[router_id] = now + lease_s
-            return sum(1 for end in self._routers.values() if end > now)
+            return self._live_routers(now)
 
     def detach(self, router_id: str, lease_s: float, grace_s: float = 1.0) -> int:
         """A router leaves: returns how many other routers hold a live lease. With none, every host is
@@ -166,13 +166,17 @@ class Controller:
         now = time.monotonic()
         with self._lock:
             self._routers.pop(router_id, None)
-            others = sum(1 for end in self._routers.values() if end > now)
+            others = self._live_routers(now)
             if others and not self._leaving:
                 return others
             first = not self._leaving
             self._leaving = True
         self._stop_hosts_once(first, grace_s)
         return 0
+
+    def _live_routers(self, now: float) -> int:
+        """Routers whose lease has not run out at `now` (the caller holds the lock)."""
+        return sum(1 for end in self._routers.values() if end > now)
 
     def _stop_hosts_once(self, first: bool, grace_s: float) -> None:
         """The first caller to find the hosts unused stops them; a later one waits until they are stopped."""

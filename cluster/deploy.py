@@ -231,14 +231,10 @@ class ExpertCluster:
 
         The plan compared is the one the controller started with: a live re-placement since then is its own.
         """
-        cfg = self.cfg
-        mine = {"model_dir": str(cfg.model_dir), "dtype": cfg.resolved_dtype,
-                "max_message_bytes": cfg.dispatch.max_message_bytes,
-                "tls_files": [str(p) for p in cfg.dispatch_tls] if cfg.dispatch_tls else None,
-                "resources": asdict(cfg.hosts)}
+        mine = self._controller_settings(plan)
         differ = [f"{key} {running[key]!r}, this router {value!r}" for key, value in mine.items()
-                  if running[key] != value]
-        if running["plan"] != plan.to_json():
+                  if key != "plan" and running[key] != value]
+        if running["plan"] != mine["plan"]:
             theirs = PlacementPlan.from_json(running["plan"])
             differ.append(f"a placement plan of {len(theirs.hosts)} hosts, this router's of {len(plan.hosts)}"
                           if len(theirs.hosts) != len(plan.hosts) else "another placement plan")
@@ -264,9 +260,17 @@ class ExpertCluster:
         remote_controller = _ray().remote(Controller).options(
             name=cfg.name, namespace=cfg.namespace, lifetime="detached", get_if_exists=True, num_cpus=0,
             max_concurrency=8, max_restarts=-1, max_task_retries=-1, resources={"node:__internal_head__": 0.001})
-        tls_files = [str(p) for p in cfg.dispatch_tls] if cfg.dispatch_tls else None
-        return remote_controller.remote(cfg.name, plan.to_json(), str(cfg.model_dir), cfg.resolved_dtype,
-                                        asdict(cfg.hosts), cfg.dispatch.max_message_bytes, tls_files)
+        settings = self._controller_settings(plan)
+        return remote_controller.remote(cfg.name, settings["plan"], settings["model_dir"], settings["dtype"],
+                                        settings["resources"], settings["max_message_bytes"], settings["tls_files"])
+
+    def _controller_settings(self, plan: PlacementPlan) -> dict[str, Any]:
+        """What this router starts a controller with, keyed as `Controller.settings()` reports it back."""
+        cfg = self.cfg
+        return {"model_dir": str(cfg.model_dir), "dtype": cfg.resolved_dtype,
+                "max_message_bytes": cfg.dispatch.max_message_bytes,
+                "tls_files": [str(p) for p in cfg.dispatch_tls] if cfg.dispatch_tls else None,
+                "resources": asdict(cfg.hosts), "plan": plan.to_json()}
 
     def _plan(self, model_config: ModelConfig) -> PlacementPlan:
         cfg = self.cfg

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import ray
 
@@ -205,14 +206,6 @@ def assert_gone(pids: set[int], bound_s: float = 30.0) -> None:
     deadline = time.monotonic() + bound_s
     alive = set(pids)
     while alive and time.monotonic() < deadline:
-        alive = {pid for pid in alive if _alive(pid)}
+        alive = {pid for pid in alive if psutil.pid_exists(pid)}
         time.sleep(0.1)
     assert not alive, f"host processes {sorted(alive)} still run"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
