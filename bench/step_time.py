@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from cluster.deploy import LocalConfig, build_engine, load_local_model
+from mixtral.allocator import keep_freed_memory
 from router.engine import EngineConfig
 from router.kv_cache import CacheConfig
 from router.sampler import SamplingParams
@@ -24,6 +25,7 @@ from router.sampler import SamplingParams
 
 def measure(model_dir: Path, dtype: str, batch: int, prompt_len: int, decode_steps: int) -> tuple[float, float]:
     model = load_local_model(LocalConfig(model_dir, dtype=dtype, device="cpu"))
+    keep_freed_memory()  # as `moe-cluster serve` does after its load
     generator = torch.Generator().manual_seed(0)
     prompts = [[1, *torch.randint(3, model.config.vocab_size, (prompt_len - 1,), generator=generator).tolist()]
                for _ in range(batch)]

@@ -17,6 +17,7 @@ from cluster.deploy import (
     load_local_model,
 )
 from cluster.placement import HostResources
+from mixtral.allocator import keep_freed_memory
 from mixtral.model import Mixtral
 from router.dispatch import DispatchConfig
 
@@ -50,6 +51,14 @@ def add_cluster_flags(p: Parser) -> None:
 
 def load_model(args: argparse.Namespace, model_dir: Path, wrap: ExpertsWrapper | None = None
                 ) -> tuple[Mixtral, ExpertCluster | None]:
+    """The model of the command's backend; from here on, this process keeps freed memory for its steps."""
+    model, cluster = _load(args, model_dir, wrap)
+    keep_freed_memory()
+    return model, cluster
+
+
+def _load(args: argparse.Namespace, model_dir: Path, wrap: ExpertsWrapper | None
+          ) -> tuple[Mixtral, ExpertCluster | None]:
     if args.backend == "local":
         return load_local_model(LocalConfig(model_dir, dtype=args.dtype, device=args.device), wrap), None
     hosts = HostResources(num_cpus=args.cpus_per_host, num_gpus=args.gpus_per_host,

@@ -17,6 +17,7 @@ import torch
 
 from experts.service import ExpertServerConfig, ExpertServiceServicer, ServingThread
 from experts.weights import load_shard, reload_shard
+from mixtral.allocator import keep_freed_memory
 from mixtral.checkpoint import Checkpoint
 from mixtral.config import DTYPES, ModelConfig
 from protos.security import DispatchTls
@@ -39,6 +40,7 @@ class ExpertHost:
         config = ModelConfig.from_json(Path(model_dir) / "config.json")
         self.checkpoint = Checkpoint(Path(model_dir), config)
         shard = load_shard(self.checkpoint, _entries(entries), self.dtype, self.device)
+        keep_freed_memory()  # after the load, so that its temporaries went back to the system
         self.servicer = servicer = ExpertServiceServicer(shard, config, host_id, self.dtype, self.device,
                                                                 threads)
         self.address = ray.util.get_node_ip_address()
