@@ -10,7 +10,7 @@ Decode steps fault about never either way.
 
 The price is memory the process keeps after a step: freed blocks stay in its heap for reuse instead of
 going back to the system, up to TRIM_THRESHOLD of free heap top (the process's peak, its high-water mark,
-is unchanged). An operator who sets glibc's malloc tunables (`GLIBC_TUNABLES=glibc.malloc....`) keeps
+is about the same). An operator who sets glibc's malloc tunables (`GLIBC_TUNABLES=glibc.malloc....`) keeps
 theirs.
 """
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import platform
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +29,9 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (ma
 
 def keep_freed_memory() -> bool:
     """Apply the thresholds above to this process's allocator; False where it is not glibc's or the operator
-    set glibc's malloc tunables. Call it after loading weights, so that loading's temporaries go back."""
-    if platform.libc_ver()[0] != "glibc" or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+    set glibc's malloc tunables. Call it after loading weights, so that loading's temporaries go back (a live
+    re-placement's load later keeps its own in the heap, up to TRIM_THRESHOLD)."""
+    if not is_glibc() or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     libc = ctypes.CDLL(None)
     applied = bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
@@ -39,3 +39,11 @@ def keep_freed_memory() -> bool:
     if not applied:
         log.warning("glibc refused the malloc thresholds; prefill steps will fault their memory in anew")
     return applied
+
+
+def is_glibc() -> bool:
+    """Whether this process's C library is glibc (the thresholds above are glibc's)."""
+    try:
+        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (ValueError, OSError):  # a platform without the name (macOS, musl)
+        return False

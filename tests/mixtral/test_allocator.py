@@ -9,13 +9,14 @@ small allocation may since have taken the freed block's neighbour.)
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
+from mixtral.allocator import is_glibc
+
+pytestmark = pytest.mark.skipif(not is_glibc(), reason="glibc's allocator only")
 
 SCRIPT = """
 import resource, sys, torch
