@@ -38,6 +38,7 @@ from router.kv_cache import CacheConfig
 from router.sampler import SamplingParams
 from tests.cluster.conftest import NAMESPACE
 from tests.raynodes import RayNodes
+from tests.serving import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -203,9 +204,4 @@ def test_the_command_line_serves_on_the_hosts_of_the_controller_it_names(
 
 def assert_gone(pids: set[int], bound_s: float = 30.0) -> None:
     """Every process in `pids` exits within `bound_s` (Ray reaps a killed actor's worker)."""
-    deadline = time.monotonic() + bound_s
-    alive = set(pids)
-    while alive and time.monotonic() < deadline:
-        alive = {pid for pid in alive if psutil.pid_exists(pid)}
-        time.sleep(0.1)
-    assert not alive, f"host processes {sorted(alive)} still run"
+    wait_for(lambda: not any(map(psutil.pid_exists, pids)), bound_s, f"host processes {sorted(pids)} exit")
